@@ -1,0 +1,216 @@
+"""Encode an image once, then decode masks from as many prompts as asked."""
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import ContextManager, Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+from .sam import Sam
+from .transforms import preprocess_shape, resize_longest_side, scale_boxes, scale_coords
+
+ArrayLike = Union[np.ndarray, torch.Tensor]
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class Prediction:
+    """Decoder output for M masks, with a leading batch axis B for batched prompts.
+
+    masks: [B x] M x H x W bool at the original size; iou_scores: [B x] M;
+    low_res_logits: [B x] M x 256 x 256 (feed one back as `mask_input`);
+    logits: [B x] M x H x W at the original size (mask = logits > 0).
+    Arrays are numpy from `predict`, tensors from `predict_torch`.
+    """
+
+    masks: ArrayLike
+    iou_scores: ArrayLike
+    low_res_logits: ArrayLike
+    logits: ArrayLike
+
+
+def autocast_context(device: torch.device, precision: str) -> ContextManager:
+    """Autocast for the reduced-precision modes ("bf16", "fp16"); nothing for "fp32"."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    if device.type == "cpu" and dtype == torch.float16:
+        raise ValueError("fp16 is not supported on CPU; use precision='bf16'")
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class SamPredictor:
+    """Keeps one image's embedding and decodes prompts against it.
+
+    precision: "fp32" (default), or "bf16" / "fp16" to run the image encoder
+    under autocast (bf16 on CPU; either on GPU). The decoder always runs in fp32.
+    """
+
+    def __init__(self, sam_model: Sam, precision: str = "fp32") -> None:
+        self.model = sam_model
+        self.precision = precision
+        autocast_context(self.device, precision)  # validates the mode for this device
+        self.reset_image()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def reset_image(self) -> None:
+        self.features: Optional[torch.Tensor] = None
+        self.original_size: Optional[Tuple[int, int]] = None
+        self.input_size: Optional[Tuple[int, int]] = None
+
+    @property
+    def is_image_set(self) -> bool:
+        return self.features is not None
+
+    @torch.inference_mode()
+    def set_image(self, image: ArrayLike) -> torch.Tensor:
+        """Encode an RGB uint8 image H x W x 3 (numpy or tensor); returns its 1 x 256 x 64 x 64 embedding."""
+        pixels = _as_rgb_tensor(image).to(self.device)
+        resized = resize_longest_side(pixels.permute(2, 0, 1), self.model.img_size)
+        return self.set_torch_image(resized[None], tuple(pixels.shape[:2]))
+
+    @torch.inference_mode()
+    def set_torch_image(self, resized_image: torch.Tensor, original_size: Tuple[int, int]) -> torch.Tensor:
+        """Encode an already resized 1 x 3 x h x w image (0..255, longest side = input side)."""
+        if resized_image.dim() != 4 or resized_image.shape[:2] != (1, 3):
+            raise ValueError(f"expected a 1 x 3 x h x w image, got shape {tuple(resized_image.shape)}")
+        if max(resized_image.shape[-2:]) != self.model.img_size:
+            raise ValueError(f"the longest side must be {self.model.img_size}, got {tuple(resized_image.shape[-2:])}")
+        self.reset_image()
+        model_input = self.model.preprocess(resized_image.to(self.device, torch.float32))
+        with autocast_context(self.device, self.precision):
+            features = self.model.image_encoder(model_input)
+        self.set_embedding(features.float(), original_size, tuple(resized_image.shape[-2:]))
+        return self.features
+
+    def set_embedding(
+        self, features: torch.Tensor, original_size: Tuple[int, int], input_size: Optional[Tuple[int, int]] = None
+    ) -> None:
+        """Use a precomputed 1 x 256 x 64 x 64 embedding of an image of `original_size`."""
+        self.features = features.to(self.device)
+        self.original_size = (int(original_size[0]), int(original_size[1]))
+        self.input_size = input_size or preprocess_shape(*self.original_size, self.model.img_size)
+
+    def predict(
+        self,
+        point_coords: Optional[ArrayLike] = None,
+        point_labels: Optional[ArrayLike] = None,
+        box: Optional[ArrayLike] = None,
+        mask_input: Optional[ArrayLike] = None,
+        multimask_output: bool = True,
+        attention_similarity: Optional[ArrayLike] = None,
+        target_embedding: Optional[ArrayLike] = None,
+    ) -> Prediction:
+        """Decode prompts given in original-image pixels; returns numpy arrays.
+
+        point_coords: N x 2 (x, y), point_labels: N (1 foreground, 0 background);
+        box: 4 (x0, y0, x1, y1); mask_input: 1 x 256 x 256 low-res logits.
+        Batched prompt sets: B x N x 2 / B x N points, B x 4 boxes, B x 1 x 256 x 256
+        masks; the output then has a leading B axis. attention_similarity and
+        target_embedding are PerSAM's decoder hooks (see sam/transformer.py).
+        """
+        batched = (point_coords is not None and np.ndim(point_coords) == 3) or (
+            box is not None and np.ndim(box) == 2
+        ) or (mask_input is not None and np.ndim(mask_input) == 4)
+
+        def to_batch(x: Optional[ArrayLike], dims: int) -> Optional[torch.Tensor]:
+            if x is None:
+                return None
+            t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x, device=self.device)
+            return t if batched or t.dim() == dims else t[None]
+
+        result = self.predict_torch(
+            to_batch(point_coords, 3),
+            to_batch(point_labels, 2),
+            to_batch(box, 2),
+            to_batch(mask_input, 4),
+            multimask_output,
+            attention_similarity=None if attention_similarity is None else torch.as_tensor(attention_similarity),
+            target_embedding=None if target_embedding is None else torch.as_tensor(target_embedding),
+        )
+        arrays = [t.float().cpu().numpy() if t.dtype != torch.bool else t.cpu().numpy() for t in
+                  (result.masks, result.iou_scores, result.low_res_logits, result.logits)]
+        if not batched:
+            arrays = [a[0] for a in arrays]
+        return Prediction(*arrays)
+
+    @torch.inference_mode()
+    def predict_torch(
+        self,
+        point_coords: Optional[torch.Tensor] = None,
+        point_labels: Optional[torch.Tensor] = None,
+        boxes: Optional[torch.Tensor] = None,
+        mask_input: Optional[torch.Tensor] = None,
+        multimask_output: bool = True,
+        attention_similarity: Optional[torch.Tensor] = None,
+        target_embedding: Optional[torch.Tensor] = None,
+    ) -> Prediction:
+        """Batched decoding, prompts in original-image pixels, tensors in and out.
+
+        point_coords: B x N x 2, point_labels: B x N, boxes: B x 4,
+        mask_input: B x 1 x 256 x 256. Returns B x M tensors (see Prediction).
+        """
+        if not self.is_image_set:
+            raise RuntimeError("no image is set: call set_image() before predict()")
+        if (point_coords is None) != (point_labels is None):
+            raise ValueError("point_coords and point_labels must be given together")
+        points = None
+        if point_coords is not None:
+            if point_coords.shape[:2] != point_labels.shape[:2] or point_coords.shape[-1] != 2:
+                raise ValueError(
+                    f"points must be B x N x 2 with labels B x N, got {tuple(point_coords.shape)} "
+                    f"and {tuple(point_labels.shape)}"
+                )
+            coords = scale_coords(point_coords.to(self.device), self.original_size, self.model.img_size)
+            points = (coords, point_labels.to(self.device, torch.int64))
+        if boxes is not None:
+            if boxes.shape[-1] != 4:
+                raise ValueError(f"boxes must be B x 4 (x0, y0, x1, y1), got {tuple(boxes.shape)}")
+            boxes = scale_boxes(boxes.to(self.device).reshape(-1, 4), self.original_size, self.model.img_size)
+        if mask_input is not None:
+            mask_input = mask_input.to(self.device, torch.float32)
+        if attention_similarity is not None:
+            attention_similarity = attention_similarity.to(self.device, torch.float32)
+        if target_embedding is not None:
+            target_embedding = target_embedding.to(self.device, torch.float32)
+
+        sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        low_res, iou_scores = self.model.mask_decoder(
+            image_embeddings=self.features,
+            image_pe=self.model.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask_output,
+            attention_similarity=attention_similarity,
+            target_embedding=target_embedding,
+        )
+        logits = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
+        return Prediction(logits > self.model.mask_threshold, iou_scores, low_res, logits)
+
+    def upscale(self, low_res: torch.Tensor) -> torch.Tensor:
+        """Any B x M x 256 x 256 map of the current image -> B x M x H x W (as mask logits are)."""
+        return self.model.postprocess_masks(low_res.to(self.device), self.input_size, self.original_size)
+
+
+def _as_rgb_tensor(image: ArrayLike) -> torch.Tensor:
+    """Check and convert an H x W x 3 uint8 RGB image to a tensor."""
+    if isinstance(image, np.ndarray):
+        image = torch.from_numpy(np.ascontiguousarray(image))
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(f"expected a numpy array or torch tensor image, got {type(image).__name__}")
+    if image.dim() != 3 or image.shape[2] != 3:
+        raise ValueError(
+            f"expected an RGB image of shape H x W x 3, got {tuple(image.shape)}; "
+            "convert grayscale or RGBA images first (persam.io.load_image does)"
+        )
+    if image.dtype != torch.uint8:
+        raise ValueError(f"expected a uint8 image (0..255), got dtype {image.dtype}")
+    if min(image.shape[:2]) < 1:
+        raise ValueError(f"the image is empty: shape {tuple(image.shape)}")
+    return image

@@ -1,0 +1,57 @@
+"""Shared test fixtures: paths to ../shared/data and the official segment_anything package."""
+
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+PERSEG = SHARED_DATA / "perseg_subset"
+DAVIS = SHARED_DATA / "davis2017"
+
+
+def import_official_sam():
+    """Import Meta's `segment_anything` (test-only reference).
+
+    It imports torchvision at import time although its modeling code never
+    uses it; there is no CPU build of torchvision here, so a stub stands in.
+    """
+    if "torchvision" not in sys.modules:
+        try:
+            import torchvision  # noqa: F401
+        except ImportError:
+            stub = types.ModuleType("torchvision")
+            transforms = types.ModuleType("torchvision.transforms")
+            functional = types.ModuleType("torchvision.transforms.functional")
+            functional.resize = None
+            functional.to_pil_image = None
+            stub.transforms = transforms
+            transforms.functional = functional
+            ops = types.ModuleType("torchvision.ops")
+            boxes = types.ModuleType("torchvision.ops.boxes")
+            boxes.batched_nms = None
+            boxes.box_area = None
+            ops.boxes = boxes
+            stub.ops = ops
+            sys.modules.update({
+                "torchvision": stub,
+                "torchvision.transforms": transforms,
+                "torchvision.transforms.functional": functional,
+                "torchvision.ops": ops,
+                "torchvision.ops.boxes": boxes,
+            })
+    return pytest.importorskip("segment_anything")
+
+
+@pytest.fixture(scope="session")
+def official_sam():
+    return import_official_sam()
+
+
+@pytest.fixture(scope="session")
+def perseg_dir():
+    if not PERSEG.is_dir():
+        pytest.skip(f"shared data not found at {PERSEG}")
+    return PERSEG

@@ -1,0 +1,179 @@
+"""PerSAM and PerSAM-F: the steps of PERSAM_METHOD.md composed.
+
+    learn_concept   step 1 (+ step 4 for PerSAM-F) on one or more references
+    segment         steps 2 and 3 on a new image (encoded once)
+"""
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from sam.predictor import SamPredictor
+
+from .finetune import FinetuneSettings, learn_scale_weights, mix_logits
+from .guide import attention_similarity, guided_prediction
+from .locate import select_points, similarity_grid, similarity_map
+from .refine import MaskChoice, best_mask, mask_box, refine_with_box, refine_with_mask
+from .target import pool_target_features, target_cells, target_embedding, target_features, target_vector
+
+METHODS = ("persam", "persam_f")
+DEFAULT_TARGET_MODE = {"persam": "mean", "persam_f": "mean_max"}
+
+
+@dataclass
+class Concept:
+    """What was learned about the user's object, enough to find it in new images."""
+
+    method: str
+    target_vector: torch.Tensor  # C, unit length
+    target_embedding: torch.Tensor  # 1 x C
+    scale_weights: Optional[torch.Tensor] = None  # 3, PerSAM-F only
+    settings: Dict[str, object] = field(default_factory=dict)
+    model_type: Optional[str] = None
+    checkpoint_sha256: Optional[str] = None
+
+
+@dataclass
+class Segmentation:
+    """The object found in one image (or its absence)."""
+
+    mask: np.ndarray  # H x W bool (empty when not found)
+    iou_score: float  # the decoder's predicted IoU of the mask
+    peak_similarity: float  # highest target similarity in the image
+    found: bool
+    points: np.ndarray  # N x 2 (x, y) prompt points
+    labels: np.ndarray  # N
+    box: Optional[np.ndarray] = None  # the refinement box, if any
+    similarity: Optional[torch.Tensor] = None  # H x W similarity map
+    low_res_logits: Optional[np.ndarray] = None  # 256 x 256 logits of the mask
+
+
+def learn_concept(
+    predictor: SamPredictor,
+    references: Sequence[Tuple[np.ndarray, np.ndarray]],
+    method: str = "persam",
+    tau: float = 0.97,
+    target_mode: Optional[str] = None,
+    finetune: Optional[FinetuneSettings] = None,
+) -> Concept:
+    """Learn a concept from (image, mask) references: RGB uint8 H x W x 3 and bool H x W each."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
+    target_mode = target_mode or DEFAULT_TARGET_MODE[method]
+    per_reference = []
+    encoded: List[Tuple[torch.Tensor, Tuple[int, int]]] = []
+    for image, mask in references:
+        features = predictor.set_image(image)
+        cells = target_cells(mask, tau, features.shape[-1], predictor.model.img_size)
+        per_reference.append(target_features(features, cells))
+        encoded.append((features, predictor.original_size))
+    feats = pool_target_features(per_reference)
+    concept = Concept(
+        method=method,
+        target_vector=target_vector(feats, target_mode),
+        target_embedding=target_embedding(feats),
+        settings={"tau": tau, "target_mode": target_mode},
+    )
+    if method == "persam_f":
+        settings = finetune or FinetuneSettings()
+        concept.scale_weights = learn_concept_weights(predictor, concept, references, encoded, settings)
+        concept.settings.update(vars(settings))
+    return concept
+
+
+def learn_concept_weights(
+    predictor: SamPredictor,
+    concept: Concept,
+    references: Sequence[Tuple[np.ndarray, np.ndarray]],
+    encoded: Sequence[Tuple[torch.Tensor, Tuple[int, int]]],
+    settings: FinetuneSettings,
+    decode_every_step: bool = False,
+) -> torch.Tensor:
+    """PerSAM-F step 4 on every reference: positive point from its own similarity, multimask, no guidance."""
+
+    def reference_logits() -> List[torch.Tensor]:
+        all_logits = []
+        for features, original_size in encoded:
+            predictor.set_embedding(features, original_size)
+            similarity = similarity_map(similarity_grid(features, concept.target_vector), predictor.upscale)
+            points, labels = select_points(similarity, k_positive=1, k_negative=0)
+            prediction = predictor.predict(points, labels, multimask_output=True)
+            all_logits.append(torch.from_numpy(prediction.logits))
+        return all_logits
+
+    targets = [torch.from_numpy(np.asarray(mask, dtype=np.float32)) for _, mask in references]
+    return learn_scale_weights(reference_logits, targets, settings, decode_every_step=decode_every_step)
+
+
+def segment(
+    predictor: SamPredictor,
+    concept: Concept,
+    image: Optional[np.ndarray] = None,
+    min_similarity: Optional[float] = None,
+    keep_similarity: bool = False,
+) -> Segmentation:
+    """Find the concept in `image` (encoded here once), or in the image already set when `image` is None.
+
+    With `min_similarity`, an image whose peak similarity is below it gives
+    an empty mask flagged as not found instead of a forced guess.
+    """
+    if image is not None:
+        predictor.set_image(image)
+    similarity = similarity_map(similarity_grid(predictor.features, concept.target_vector), predictor.upscale)
+    return segment_at(predictor, concept, similarity, min_similarity, keep_similarity)
+
+
+def segment_at(
+    predictor: SamPredictor,
+    concept: Concept,
+    similarity: torch.Tensor,
+    min_similarity: Optional[float] = None,
+    keep_similarity: bool = False,
+) -> Segmentation:
+    """Steps 2 and 3 for the image set in `predictor`, from its H x W similarity map."""
+    peak = float(similarity.max())
+    if min_similarity is not None and peak < min_similarity:
+        empty = np.zeros(similarity.shape, dtype=bool)
+        return Segmentation(empty, 0.0, peak, False, np.zeros((0, 2), np.float32), np.zeros(0, np.int64),
+                            similarity=similarity if keep_similarity else None)
+    if concept.method == "persam_f":
+        choice, points, labels = _persam_f_steps(predictor, concept, similarity)
+    else:
+        choice, points, labels = _persam_steps(predictor, concept, similarity)
+    return Segmentation(
+        mask=choice.mask,
+        iou_score=choice.iou_score,
+        peak_similarity=peak,
+        found=not choice.is_empty,
+        points=points,
+        labels=labels,
+        box=mask_box(choice.mask),
+        similarity=similarity if keep_similarity else None,
+        low_res_logits=choice.low_res_logits,
+    )
+
+
+def _persam_steps(predictor: SamPredictor, concept: Concept, similarity: torch.Tensor):
+    """PerSAM: positive + negative point, guided first prediction, two refinements."""
+    points, labels = select_points(similarity, k_positive=1, k_negative=1)
+    attention = attention_similarity(similarity, predictor.input_size, predictor.features.shape[-1], predictor.model.img_size)
+    first = guided_prediction(predictor, points, labels, attention, concept.target_embedding)
+    choice = best_mask(first)
+    choice = refine_with_mask(predictor, points, labels, choice)
+    choice = refine_with_box(predictor, points, labels, choice)
+    return choice, points, labels
+
+
+def _persam_f_steps(predictor: SamPredictor, concept: Concept, similarity: torch.Tensor):
+    """PerSAM-F: positive point, multimask mixed by the learned weights, then box refinements."""
+    points, labels = select_points(similarity, k_positive=1, k_negative=0)
+    prediction = predictor.predict(points, labels, multimask_output=True)
+    weights = concept.scale_weights.to(torch.float32)
+    mixed_logits = mix_logits(torch.from_numpy(prediction.logits), weights).numpy()
+    mixed_low_res = mix_logits(torch.from_numpy(prediction.low_res_logits), weights).numpy()
+    choice = MaskChoice(mixed_logits > 0, mixed_low_res, float(np.dot(weights.numpy(), prediction.iou_scores)), mixed_logits)
+    choice = refine_with_box(predictor, points, labels, choice)
+    choice = refine_with_box(predictor, points, labels, choice)
+    return choice, points, labels

@@ -1,0 +1,82 @@
+"""Step 3, second half: cascaded post-refinement.
+
+Refinement 1 feeds a prediction's low-resolution logits back as a mask
+prompt; refinement 2 adds the box around the mask. Each keeps the mask with
+the best predicted IoU. A prediction can come out empty: then there is no box
+to draw, and the last non-empty mask is kept instead of crashing.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from sam.predictor import Prediction, SamPredictor
+
+
+@dataclass
+class MaskChoice:
+    """One chosen mask: H x W bool, its 256 x 256 logits, predicted IoU and full-size logits."""
+
+    mask: np.ndarray
+    low_res_logits: np.ndarray
+    iou_score: float
+    logits: Optional[np.ndarray] = None
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.mask.any()
+
+
+def best_mask(prediction: Prediction) -> MaskChoice:
+    """The mask with the highest predicted IoU of a single (unbatched) prediction."""
+    index = int(np.argmax(prediction.iou_scores))
+    return MaskChoice(
+        prediction.masks[index],
+        prediction.low_res_logits[index],
+        float(prediction.iou_scores[index]),
+        prediction.logits[index],
+    )
+
+
+def mask_box(mask: np.ndarray) -> Optional[np.ndarray]:
+    """Tight box (x0, y0, x1, y1) around a mask, None for an empty mask."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return None
+    return np.array([cols[0], rows[0], cols[-1], rows[-1]], dtype=np.float32)
+
+
+def refine_with_mask(predictor: SamPredictor, points: np.ndarray, labels: np.ndarray, previous: MaskChoice) -> MaskChoice:
+    """Refinement 1: the same points + the previous low-res logits as mask prompt, multimask, best."""
+    prediction = predictor.predict(
+        point_coords=points,
+        point_labels=labels,
+        mask_input=previous.low_res_logits[None],
+        multimask_output=True,
+    )
+    return keep_non_empty(best_mask(prediction), previous)
+
+
+def refine_with_box(predictor: SamPredictor, points: np.ndarray, labels: np.ndarray, previous: MaskChoice) -> MaskChoice:
+    """Refinement 2: the same points + the box around the previous mask + its logits, multimask, best.
+
+    Without a box (the previous mask is empty) the previous choice stands.
+    """
+    box = mask_box(previous.mask)
+    if box is None:
+        return previous
+    prediction = predictor.predict(
+        point_coords=points,
+        point_labels=labels,
+        box=box,
+        mask_input=previous.low_res_logits[None],
+        multimask_output=True,
+    )
+    return keep_non_empty(best_mask(prediction), previous)
+
+
+def keep_non_empty(new: MaskChoice, previous: MaskChoice) -> MaskChoice:
+    """The new choice, unless it is empty and the previous one is not."""
+    return previous if new.is_empty and not previous.is_empty else new

@@ -1,0 +1,82 @@
+"""Step 1: the target, from reference image features and the reference mask.
+
+PERSAM_METHOD.md, step 1: put the mask in the frame of the 64 x 64 feature
+grid, keep the cells whose centre lies inside the object (coverage >= tau),
+and summarise their features as a target vector (for similarity) and a
+target embedding (for prompting the decoder).
+"""
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sam.transforms import pad_to_square, resize_longest_side
+
+TARGET_MODES = ("mean", "max", "mean_max")
+
+
+def mask_on_grid(mask: np.ndarray, grid_size: int = 64, img_size: int = 1024) -> torch.Tensor:
+    """Reference mask H x W (bool or 0/1) -> its value at every grid cell centre, grid x grid in [0, 1].
+
+    The mask is resized exactly like the image (longest side to `img_size`,
+    bilinear, antialiased), zero-padded like the image, then sampled
+    bilinearly at the centre of each cell.
+    """
+    mask_tensor = torch.from_numpy(np.asarray(mask, dtype=np.float32))[None]
+    resized = resize_longest_side(mask_tensor, img_size, round_to_uint8=False)
+    padded = pad_to_square(resized, img_size)[None]  # 1 x 1 x S x S
+    return F.interpolate(padded, size=(grid_size, grid_size), mode="bilinear", align_corners=False)[0, 0]
+
+
+def mask_area_on_grid(mask: np.ndarray, grid_size: int = 64, img_size: int = 1024) -> torch.Tensor:
+    """Fraction of every grid cell covered by the mask (grid x grid), for masks too small to reach a cell centre."""
+    mask_tensor = torch.from_numpy(np.asarray(mask, dtype=np.float32))[None]
+    resized = resize_longest_side(mask_tensor, img_size, round_to_uint8=False)
+    padded = pad_to_square(resized, img_size)[None]
+    return F.adaptive_avg_pool2d(padded, grid_size)[0, 0]
+
+
+def target_cells(mask: np.ndarray, tau: float = 0.97, grid_size: int = 64, img_size: int = 1024) -> torch.Tensor:
+    """Grid cells of the target: grid x grid bool, never empty for a non-empty mask.
+
+    Cells whose centre value is at least `tau`. If none reaches it (a thin or
+    tiny object), the cells of highest coverage are taken instead.
+    """
+    if not np.any(mask):
+        raise ValueError("the reference mask is empty: there is no target to learn")
+    at_centres = mask_on_grid(mask, grid_size, img_size)
+    cells = at_centres >= tau
+    if cells.any():
+        return cells
+    coverage = torch.maximum(at_centres, mask_area_on_grid(mask, grid_size, img_size))
+    return coverage >= coverage.max() - 1e-6
+
+
+def target_features(features: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """Image features 1 x C x h x w and cells h x w (bool) -> the target cells' features K x C."""
+    return features[0].permute(1, 2, 0)[cells.to(features.device)]
+
+
+def pool_target_features(per_reference: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Several references (few-shot): pool their target cells into one K x C set."""
+    return torch.cat(list(per_reference), dim=0)
+
+
+def target_vector(target_feats: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+    """K x C target features -> unit-length C vector: mean (PerSAM), max, or (max + mean) / 2 (PerSAM-F)."""
+    if mode == "mean":
+        vector = target_feats.mean(0)
+    elif mode == "max":
+        vector = target_feats.max(0).values
+    elif mode == "mean_max":
+        vector = (target_feats.max(0).values + target_feats.mean(0)) / 2
+    else:
+        raise ValueError(f"target mode must be one of {', '.join(TARGET_MODES)}, not {mode!r}")
+    return vector / vector.norm()
+
+
+def target_embedding(target_feats: torch.Tensor) -> torch.Tensor:
+    """K x C target features -> 1 x C target embedding for prompting (plain mean, not normalised)."""
+    return target_feats.mean(0, keepdim=True)

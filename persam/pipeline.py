@@ -4,6 +4,7 @@
     segment         steps 2 and 3 on a new image (encoded once)
 """
 
+import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -16,7 +17,7 @@ from .finetune import FinetuneSettings, learn_scale_weights, mix_logits
 from .guide import attention_similarity, guided_prediction
 from .locate import select_points, similarity_grid, similarity_map
 from .refine import MaskChoice, best_mask, mask_box, refine_with_box, refine_with_mask
-from .target import pool_target_features, target_cells, target_embedding, target_features, target_vector
+from .target import mask_area_on_grid, pool_target_features, target_cells, target_embedding, target_features, target_vector
 
 METHODS = ("persam", "persam_f")
 DEFAULT_TARGET_MODE = {"persam": "mean", "persam_f": "mean_max"}
@@ -92,6 +93,7 @@ def learn_concept_weights(
     decode_every_step: bool = False,
 ) -> torch.Tensor:
     """PerSAM-F step 4 on every reference: positive point from its own similarity, multimask, no guidance."""
+    native = settings.loss_resolution == "native"
 
     def reference_logits() -> List[torch.Tensor]:
         all_logits = []
@@ -100,11 +102,30 @@ def learn_concept_weights(
             similarity = similarity_map(similarity_grid(features, concept.target_vector), predictor.upscale)
             points, labels = select_points(similarity, k_positive=1, k_negative=0)
             prediction = predictor.predict(points, labels, multimask_output=True)
-            all_logits.append(torch.from_numpy(prediction.logits))
+            if native:
+                rows, cols = _native_extent(predictor)
+                all_logits.append(torch.from_numpy(prediction.low_res_logits[:, :rows, :cols]))
+            else:
+                all_logits.append(torch.from_numpy(prediction.logits))
         return all_logits
 
-    targets = [torch.from_numpy(np.asarray(mask, dtype=np.float32)) for _, mask in references]
+    targets = []
+    for (_, mask), (features, original_size) in zip(references, encoded):
+        if native:
+            predictor.set_embedding(features, original_size)
+            rows, cols = _native_extent(predictor)
+            low_res_side = 4 * features.shape[-1]
+            targets.append(mask_area_on_grid(mask, low_res_side, predictor.model.img_size)[:rows, :cols])
+        else:
+            targets.append(torch.from_numpy(np.asarray(mask, dtype=np.float32)))
     return learn_scale_weights(reference_logits, targets, settings, decode_every_step=decode_every_step)
+
+
+def _native_extent(predictor: SamPredictor) -> Tuple[int, int]:
+    """Rows and columns of the decoder's low-res logits that cover the image (not the padding)."""
+    low_res_side = 4 * predictor.features.shape[-1]
+    scale = low_res_side / predictor.model.img_size
+    return math.ceil(predictor.input_size[0] * scale), math.ceil(predictor.input_size[1] * scale)
 
 
 def segment(

@@ -201,6 +201,8 @@ class SamPredictor:
 def _as_rgb_tensor(image: ArrayLike) -> torch.Tensor:
     """Check and convert an H x W x 3 uint8 RGB image to a tensor."""
     if isinstance(image, np.ndarray):
+        if not image.flags.writeable:
+            image = image.copy()
         image = torch.from_numpy(np.ascontiguousarray(image))
     if not isinstance(image, torch.Tensor):
         raise TypeError(f"expected a numpy array or torch tensor image, got {type(image).__name__}")

@@ -445,6 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(p)
     p.set_defaults(func=cmd_apply)
 
+    from eval.cli import add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 

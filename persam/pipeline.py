@@ -58,18 +58,22 @@ def learn_concept(
     tau: float = 0.97,
     target_mode: Optional[str] = None,
     finetune: Optional[FinetuneSettings] = None,
+    encoded: Optional[Sequence[Tuple[torch.Tensor, Tuple[int, int]]]] = None,
 ) -> Concept:
-    """Learn a concept from (image, mask) references: RGB uint8 H x W x 3 and bool H x W each."""
+    """Learn a concept from (image, mask) references: RGB uint8 H x W x 3 and bool H x W each.
+
+    `encoded` gives the references' embeddings and original sizes when they
+    are already computed (then the images are not encoded again).
+    """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
     target_mode = target_mode or DEFAULT_TARGET_MODE[method]
+    if encoded is None:
+        encoded = [(predictor.set_image(image), predictor.original_size) for image, _ in references]
     per_reference = []
-    encoded: List[Tuple[torch.Tensor, Tuple[int, int]]] = []
-    for image, mask in references:
-        features = predictor.set_image(image)
+    for (_, mask), (features, _) in zip(references, encoded):
         cells = target_cells(mask, tau, features.shape[-1], predictor.model.img_size)
         per_reference.append(target_features(features, cells))
-        encoded.append((features, predictor.original_size))
     feats = pool_target_features(per_reference)
     concept = Concept(
         method=method,

@@ -1,0 +1,164 @@
+"""Shared parts of the evaluation runners: the model, tables, CSV / JSON and bar charts."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import cv2
+import numpy as np
+
+from persam.io import InputError, atomic_write_bytes, atomic_write_text
+
+DEFAULT_MODEL = "vit_h"
+
+
+def load_predictor(model_type: str, checkpoint: Optional[str], device: str = "cpu", precision: str = "fp32"):
+    """A SamPredictor for `model_type` with `checkpoint` (default: the cached download; never downloads)."""
+    import torch
+
+    from sam.build import build_sam
+    from sam.download import MODELS, default_cache_dir
+    from sam.predictor import SamPredictor
+
+    if model_type not in MODELS:
+        raise InputError(f"unknown model {model_type!r}: one of {', '.join(sorted(MODELS))}")
+    if checkpoint:
+        path = Path(checkpoint).expanduser()
+        if not path.is_file():
+            raise InputError(f"checkpoint {path}: file not found")
+    else:
+        path = default_cache_dir() / MODELS[model_type].filename
+        if not path.is_file():
+            raise InputError(f"no checkpoint for {model_type}: {path} not found; run `persam download {model_type}` "
+                             "or pass --checkpoint PATH")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA GPU is available (use --device cpu)")
+    model = build_sam(model_type, path, device=device)
+    return SamPredictor(model, precision=precision), path
+
+
+def clean_json(value):
+    """numpy -> Python, NaN / inf -> None, so the JSON is strict."""
+    if isinstance(value, Mapping):
+        return {str(k): clean_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean_json(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return clean_json(value.tolist())
+    if isinstance(value, (np.floating, float)):
+        v = float(value)
+        return v if math.isfinite(v) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def write_json(path: Path, data: Mapping) -> None:
+    atomic_write_text(path, json.dumps(clean_json(data), indent=2) + "\n")
+
+
+def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow([_csv_cell(v) for v in row])
+    atomic_write_text(path, buf.getvalue())
+
+
+def _csv_cell(v):
+    if isinstance(v, (float, np.floating)):
+        return "" if not math.isfinite(float(v)) else f"{float(v):.6f}"
+    return v
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A plain aligned text table; floats with 4 decimals (NaN as -)."""
+
+    def cell(v) -> str:
+        if isinstance(v, (float, np.floating)):
+            return "-" if not math.isfinite(float(v)) else f"{float(v):.4f}"
+        return str(v)
+
+    cells = [[cell(v) for v in row] for row in rows]
+    widths = [max([len(h)] + [len(r[k]) for r in cells]) for k, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) if k == 0 else h.rjust(w) for k, (h, w) in enumerate(zip(header, widths)))]
+    lines.append("  ".join("-" * w for w in widths))
+    for r in cells:
+        lines.append("  ".join(c.ljust(w) if k == 0 else c.rjust(w) for k, (c, w) in enumerate(zip(r, widths))))
+    return "\n".join(lines)
+
+
+_COLOURS = [(180, 119, 31), (14, 127, 255), (44, 160, 44), (40, 39, 214), (189, 103, 148)]  # BGR
+
+
+def bar_chart(path: Path, labels: Sequence[str], series: Mapping[str, Sequence[float]], title: str) -> None:
+    """Grouped bar chart (values in 0..1) drawn with OpenCV and written atomically as PNG."""
+    names = list(series)
+    n, k = len(labels), max(1, len(names))
+    bar_w, gap, left, top, plot_h, bottom = 14, 18, 60, 70, 300, 140
+    group_w = k * bar_w + gap
+    width = max(420, left + n * group_w + 40)
+    height = top + plot_h + bottom
+    img = np.full((height, width, 3), 255, np.uint8)
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    cv2.putText(img, title, (left, 30), font, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
+    y0 = top + plot_h
+    for tick in np.linspace(0, 1, 6):
+        y = int(round(y0 - tick * plot_h))
+        cv2.line(img, (left, y), (width - 20, y), (225, 225, 225), 1)
+        cv2.putText(img, f"{tick:.1f}", (left - 40, y + 4), font, 0.4, (60, 60, 60), 1, cv2.LINE_AA)
+    cv2.line(img, (left, top), (left, y0), (0, 0, 0), 1)
+    cv2.line(img, (left, y0), (width - 20, y0), (0, 0, 0), 1)
+    for g, label in enumerate(labels):
+        x = left + gap // 2 + g * group_w
+        for s, name in enumerate(names):
+            value = series[name][g]
+            if value is None or not math.isfinite(float(value)):
+                continue
+            h = int(round(min(max(float(value), 0.0), 1.0) * plot_h))
+            colour = _COLOURS[s % len(_COLOURS)]
+            cv2.rectangle(img, (x + s * bar_w, y0 - h), (x + (s + 1) * bar_w - 2, y0), colour, -1)
+        # rotated label: draw on a strip, rotate, paste
+        text = label[:24]
+        (tw, th), _ = cv2.getTextSize(text, font, 0.4, 1)
+        strip = np.full((th + 6, tw + 4, 3), 255, np.uint8)
+        cv2.putText(strip, text, (2, th + 2), font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+        rotated = cv2.rotate(strip, cv2.ROTATE_90_COUNTERCLOCKWISE)
+        rh, rw = rotated.shape[:2]
+        px, py = x + max(0, (k * bar_w - rw) // 2), y0 + 6
+        rh, rw = min(rh, height - py), min(rw, width - px)
+        img[py:py + rh, px:px + rw] = np.minimum(img[py:py + rh, px:px + rw], rotated[:rh, :rw])
+    for s, name in enumerate(names):  # legend
+        x = left + s * 90
+        cv2.rectangle(img, (x, 42), (x + 12, 54), _COLOURS[s % len(_COLOURS)], -1)
+        cv2.putText(img, name, (x + 16, 53), font, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    ok, data = cv2.imencode(".png", img)
+    if not ok:
+        raise InputError(f"cannot encode the chart {path}")
+    atomic_write_bytes(path, data.tobytes())
+
+
+def split_names(text: Optional[str]) -> Optional[List[str]]:
+    """"a,b" -> ["a", "b"]; None stays None."""
+    if text is None:
+        return None
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise InputError("expected a comma-separated list of names")
+    return names
+
+
+def timing_summary(seconds: Sequence[float]) -> Dict[str, object]:
+    values = [float(s) for s in seconds]
+    return {
+        "count": len(values),
+        "total_s": float(sum(values)),
+        "mean_s": float(np.mean(values)) if values else None,
+        "median_s": float(np.median(values)) if values else None,
+    }

@@ -1,0 +1,161 @@
+"""DAVIS 2017 semi-supervised evaluation of the PerSAM video pipeline.
+
+    OUT/pred/<seq>/<frame>.png    results: palette PNGs named like the annotations
+    OUT/scores.csv, scores.json   J, F (mean / recall / decay) and J&F per object, per
+                                  sequence and overall; timings
+    OUT/scores.png                bar chart per sequence
+
+A sequence whose result frames all exist is skipped (resume). With ``pred_dir`` nothing
+is run: the results there (``<seq>/<frame>.png``) are scored. First and last frames are
+excluded from the scores, as in the official evaluation.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, TextIO
+
+from tqdm import tqdm
+
+from persam.io import InputError, atomic_save_png, load_image, load_label_map
+
+from .datasets import DavisDataset
+from .metrics import davis_sequence_scores, davis_summary
+from .report import bar_chart, format_table, load_predictor, timing_summary, write_csv, write_json
+
+__all__ = ["run_davis", "predict_davis", "score_davis"]
+
+
+def _frames(dataset: DavisDataset, seq: str, max_frames: Optional[int]):
+    frames = dataset.frames(seq)
+    return frames[:max_frames] if max_frames else frames
+
+
+def predict_davis(predictor, dataset: DavisDataset, sequences: Sequence[str], pred_dir: Path, method: str,
+                  max_frames: Optional[int] = None, use_previous_box: bool = True,
+                  progress: bool = True) -> Dict[str, object]:
+    """Write the results of the sequences not done yet; returns timings (seconds)."""
+    from persam.video import masks_from_label_map, segment_video
+
+    first_times, frame_times, skipped = [], [], []
+    for seq in tqdm(sequences, desc="DAVIS", unit="seq", disable=not progress):
+        frames = _frames(dataset, seq, max_frames)
+        if all((pred_dir / seq / f"{name}.png").is_file() for name, _, _ in frames):
+            skipped.append(seq)
+            continue
+        first = dataset.label_map(seq, frames[0][0])
+        masks = masks_from_label_map(first, dataset.object_ids(seq))
+        images = (load_image(path) for _, path, _ in frames)
+        results = segment_video(predictor, images, masks, method=method, use_previous_box=use_previous_box,
+                                progress=progress)
+        for k, (name, _, _) in enumerate(frames):
+            start = time.perf_counter()
+            label_map = next(results)
+            (first_times if k == 0 else frame_times).append(time.perf_counter() - start)
+            atomic_save_png(pred_dir / seq / f"{name}.png", label_map, palette="davis")
+        results.close()
+    return {"first_frame": timing_summary(first_times), "per_frame": timing_summary(frame_times),
+            "skipped_sequences": skipped}
+
+
+def score_davis(dataset: DavisDataset, sequences: Sequence[str], pred_dir: Path,
+                max_frames: Optional[int] = None) -> Dict[str, object]:
+    """Per-sequence (and per-object) J / F scores and the dataset summary."""
+    per_sequence = {}
+    for seq in sequences:
+        frames = _frames(dataset, seq, max_frames)
+        missing = [str(pred_dir / seq / f"{name}.png") for name, _, _ in frames
+                   if not (pred_dir / seq / f"{name}.png").is_file()]
+        if missing:
+            more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+            raise InputError(f"sequence {seq}: missing results {', '.join(missing[:5])}{more}")
+        gt = [load_label_map(mask) if mask is not None else None for _, _, mask in frames]
+        shape = gt[0].shape
+        pred = [load_label_map(pred_dir / seq / f"{name}.png", shape) for name, _, _ in frames]
+        per_sequence[seq] = davis_sequence_scores(gt, pred, dataset.object_ids(seq))
+    return {"sequences": per_sequence, "summary": davis_summary(per_sequence.values())}
+
+
+def run_davis(
+    data: str,
+    out: str,
+    method: str = "persam",
+    model_type: str = "vit_h",
+    checkpoint: Optional[str] = None,
+    sequences: Optional[Sequence[str]] = None,
+    max_frames: Optional[int] = None,
+    pred: Optional[str] = None,
+    device: str = "cpu",
+    precision: str = "fp32",
+    year: str = "2017",
+    split: Optional[str] = "val",
+    resolution: str = "480p",
+    use_previous_box: bool = True,
+    progress: bool = True,
+    stream: Optional[TextIO] = None,
+    predictor=None,
+) -> Dict[str, object]:
+    """The whole DAVIS evaluation (see the module doc); returns what scores.json holds."""
+    stream = sys.stdout if stream is None else stream
+    dataset = DavisDataset(data, year=year, split=split, resolution=resolution)
+    if sequences is None:
+        selected = dataset.sequences()
+    else:
+        unknown = [s for s in sequences if s not in dataset.sequences()]
+        if unknown:
+            raise InputError(f"unknown DAVIS sequence(s): {', '.join(unknown)} (available: {', '.join(dataset.sequences())})")
+        selected = list(sequences)
+    if max_frames is not None and max_frames < 1:
+        raise InputError(f"--max-frames must be at least 1, got {max_frames}")
+    out_dir = Path(out)
+    record: Dict[str, object] = {"dataset": f"davis{year}", "data": str(data), "split": split,
+                                 "sequences_evaluated": selected, "max_frames": max_frames}
+    if pred is not None:
+        pred_dir = Path(pred)
+        if not pred_dir.is_dir():
+            raise InputError(f"--pred {pred_dir}: folder not found")
+        record.update({"pred": str(pred_dir), "method": None, "model": None, "timing": None})
+    else:
+        pred_dir = out_dir / "pred"
+        checkpoint_path = checkpoint
+        if predictor is None:
+            predictor, checkpoint_path = load_predictor(model_type, checkpoint, device, precision)
+        start = time.perf_counter()
+        timing = predict_davis(predictor, dataset, selected, pred_dir, method, max_frames, use_previous_box, progress)
+        timing["total_s"] = time.perf_counter() - start
+        record.update({"pred": str(pred_dir), "method": method, "model": model_type,
+                       "checkpoint": None if checkpoint_path is None else str(checkpoint_path),
+                       "device": device, "precision": precision, "use_previous_box": use_previous_box,
+                       "timing": timing})
+    scores = score_davis(dataset, selected, pred_dir, max_frames)
+    record.update(scores)
+
+    metric_cols = ["J&F", "J mean", "J recall", "J decay", "F mean", "F recall", "F decay"]
+
+    def stats_row(r) -> List[float]:
+        j, f = r.get("J_stats", r.get("J")), r.get("F_stats", r.get("F"))
+        return [(j["mean"] + f["mean"]) / 2, j["mean"], j["recall"], j["decay"], f["mean"], f["recall"], f["decay"]]
+
+    object_rows = [[seq, obj, *stats_row(r)] for seq, s in scores["sequences"].items() for obj, r in s["objects"].items()]
+    sequence_rows = [[seq, *stats_row(s)] for seq, s in scores["sequences"].items()]
+    summary_row = ["all", *stats_row(scores["summary"])]
+    print("per object", file=stream)
+    print(format_table(["sequence", "object", *metric_cols], object_rows), file=stream)
+    print("\nper sequence", file=stream)
+    print(format_table(["sequence", *metric_cols], sequence_rows + [summary_row]), file=stream)
+    timing = record.get("timing")
+    if timing and timing["per_frame"]["mean_s"] is not None:
+        print(f"time per frame: {timing['per_frame']['mean_s']:.3f} s ({timing['per_frame']['count']} frames "
+              "after the first)", file=stream)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(out_dir / "scores.csv", ["sequence", "object", *metric_cols],
+              object_rows + [[r[0], "all", *r[1:]] for r in sequence_rows] + [["all", "all", *summary_row[1:]]])
+    write_json(out_dir / "scores.json", record)
+    labels = [r[0] for r in sequence_rows] + ["all"]
+    rows = sequence_rows + [summary_row]
+    bar_chart(out_dir / "scores.png", labels,
+              {"J": [r[2] for r in rows], "F": [r[5] for r in rows], "J&F": [r[1] for r in rows]},
+              f"DAVIS {record.get('method') or 'results'}: J&F {scores['summary']['J&F']:.3f}")
+    return record

@@ -16,23 +16,11 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from persam.cli import DEVICES, PRECISIONS, _positive_int
 from persam.io import InputError
+from persam.pipeline import METHODS
 
 from .report import DEFAULT_MODEL, split_names
-
-METHODS = ("persam", "persam_f")
-DEVICES = ("cpu", "cuda", "mps")
-PRECISIONS = ("fp32", "bf16", "fp16")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def cmd_eval_perseg(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 from pathlib import Path
 
 from sam.download import MODELS, DownloadError, download_checkpoint
+from sam.predictor import PRECISIONS
 
 from .io import InputError
 
@@ -68,7 +69,6 @@ def cmd_download(args: argparse.Namespace) -> int:
 # shared by segment / learn / apply
 
 DEVICES = ("cpu", "cuda", "mps")
-PRECISIONS = ("fp32", "bf16", "fp16")
 DEFAULT_MODEL = "vit_t"  # fast on CPU; vit_h is the paper's model
 REFERENCE_MASK_FILE = "reference_mask.png"
 

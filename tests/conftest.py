@@ -55,3 +55,16 @@ def perseg_dir():
     if not PERSEG.is_dir():
         pytest.skip(f"shared data not found at {PERSEG}")
     return PERSEG
+
+
+@pytest.fixture(scope="session")
+def random_vit_t_checkpoint(tmp_path_factory):
+    """A MobileSAM-layout checkpoint file with seeded random weights."""
+    import torch
+
+    from sam.build import build_sam_model
+    from sam_testing import random_state_dict
+
+    path = tmp_path_factory.mktemp("checkpoint") / "mobile_sam.pt"
+    torch.save(random_state_dict(build_sam_model("vit_t"), seed=0), path)
+    return path

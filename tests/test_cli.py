@@ -22,10 +22,8 @@ from PIL import Image
 from persam import cli
 from persam.io import load_label_map, load_mask
 from persam.visualize import heatmap, overlay
-from sam.build import build_sam_model
 from sam.predictor import SamPredictor
 
-from sam_testing import random_state_dict
 
 SIDE = 256
 
@@ -56,11 +54,8 @@ def memo_encoder():
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    model = build_sam_model("vit_t")
-    path = tmp_path_factory.mktemp("ckpt") / "mobile_sam.pt"
-    torch.save(random_state_dict(model, seed=0), path)
-    return path
+def checkpoint(random_vit_t_checkpoint):
+    return random_vit_t_checkpoint
 
 
 @pytest.fixture(scope="module")

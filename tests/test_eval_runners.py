@@ -4,24 +4,18 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from conftest import DAVIS, PERSEG
 from eval.cli import main
-from sam.build import build_sam_model
-from sam_testing import random_state_dict
 
 CLASSES = ["cat", "colorful_sneaker", "duck_toy"]
 SEQ = "car-shadow"
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    model = build_sam_model("vit_t")
-    path = tmp_path_factory.mktemp("ckpt") / "random_vit_t.pt"
-    torch.save(random_state_dict(model, seed=0), path)
-    return path
+def checkpoint(random_vit_t_checkpoint):
+    return random_vit_t_checkpoint
 
 
 def _model_args(checkpoint):

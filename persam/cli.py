@@ -195,41 +195,28 @@ def _read_references(args: argparse.Namespace):
     return refs
 
 
-def _mask_from_prompts(predictor, args: argparse.Namespace, image_path: Path, image):
-    """SAM's best-scoring multimask output for the clicks or the box (one that is neither empty nor full)."""
-    import numpy as np
-
-    predictor.set_image(image)
-    if args.ref_box is not None:
-        prediction = predictor.predict(box=np.asarray(args.ref_box, dtype=np.float32), multimask_output=True)
-    else:
-        points = np.asarray(args.ref_point, dtype=np.float32)
-        prediction = predictor.predict(points, np.ones(len(points), dtype=np.int64), multimask_output=True)
-    masks, scores = np.asarray(prediction.masks), np.asarray(prediction.iou_scores)
-    for k in np.argsort(-scores, kind="stable"):
-        if masks[k].any() and not masks[k].all():
-            return masks[k]
-    raise InputError(
-        f"reference image {image_path}: SAM found no object at the given "
-        f"{'box' if args.ref_box is not None else 'points'}; give --ref-mask instead"
-    )
-
-
 def _learn(args: argparse.Namespace, predictor, refs, mask_out: Path):
     from .finetune import FinetuneSettings
     from .io import atomic_save_png
     from .pipeline import learn_concept
+    from .target import reference_mask_from_prompts
 
-    pairs = []
+    pairs, encoded = [], []
     for image_path, image, mask in refs:
+        encoded.append((predictor.set_image(image), predictor.original_size))  # each reference encoded once
         if mask is None:
-            mask = _mask_from_prompts(predictor, args, image_path, image)
+            mask = reference_mask_from_prompts(predictor, points=args.ref_point, box=args.ref_box)
+            if mask is None:
+                raise InputError(
+                    f"reference image {image_path}: SAM found no object at the given "
+                    f"{'box' if args.ref_box is not None else 'points'}; give --ref-mask instead"
+                )
             atomic_save_png(mask_out, mask)
             print(f"reference mask made by SAM: {mask_out}", file=sys.stderr)
         pairs.append((image, mask))
     method = "persam_f" if args.finetune else "persam"
     settings = FinetuneSettings(steps=args.steps, loss_resolution=args.finetune_resolution) if args.finetune else None
-    return learn_concept(predictor, pairs, method=method, finetune=settings)
+    return learn_concept(predictor, pairs, method=method, finetune=settings, encoded=encoded)
 
 
 def _run_targets(args: argparse.Namespace, predictor_factory, concept_factory, info) -> int:

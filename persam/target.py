@@ -6,7 +6,7 @@ and summarise their features as a target vector (for similarity) and a
 target embedding (for prompting the decoder).
 """
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -80,3 +80,25 @@ def target_vector(target_feats: torch.Tensor, mode: str = "mean") -> torch.Tenso
 def target_embedding(target_feats: torch.Tensor) -> torch.Tensor:
     """K x C target features -> 1 x C target embedding for prompting (plain mean, not normalised)."""
     return target_feats.mean(0, keepdim=True)
+
+
+def reference_mask_from_prompts(
+    predictor, points: Optional[np.ndarray] = None, box: Optional[np.ndarray] = None
+) -> Optional[np.ndarray]:
+    """A reference mask made by SAM from clicks (N x 2, foreground) or a box, on the image set in `predictor`.
+
+    The best-scoring multimask output that is neither empty nor the whole
+    image; None when SAM gives no such mask.
+    """
+    if (points is None) == (box is None):
+        raise ValueError("give either clicks or a box for the reference")
+    if box is not None:
+        prediction = predictor.predict(box=np.asarray(box, dtype=np.float32), multimask_output=True)
+    else:
+        points = np.asarray(points, dtype=np.float32).reshape(-1, 2)
+        prediction = predictor.predict(points, np.ones(len(points), dtype=np.int64), multimask_output=True)
+    masks, scores = np.asarray(prediction.masks), np.asarray(prediction.iou_scores)
+    for index in np.argsort(-scores, kind="stable"):
+        if masks[index].any() and not masks[index].all():
+            return masks[index]
+    return None

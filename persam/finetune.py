@@ -15,8 +15,9 @@ Where the loss is evaluated (`loss_resolution`):
               cheaper per step (the default on CPU-sized budgets).
 """
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -141,6 +142,22 @@ class MixedLogitsObjective:
         return 1 - numerator / denominator + focal
 
 
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Run torch on one thread inside, restoring the previous count after.
+
+    Each training step is a few dozen small element-wise operations: on CPU,
+    waking other threads costs more than it saves, and on a busy machine it
+    costs milliseconds per operation.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def learn_scale_weights(
     reference_logits: Callable[[], Sequence[torch.Tensor]],
     targets: Sequence[torch.Tensor],
@@ -167,8 +184,8 @@ def learn_scale_weights(
                 MixedLogitsObjective(logits, target, settings.focal_alpha, settings.focal_gamma)
                 for logits, target in zip(reference_logits(), targets)
             ]
-        with torch.no_grad():
+        with torch.no_grad(), single_thread():
             learned.grad = sum(objective.gradient(learned.detach()) for objective in objectives)
-        optimizer.step()
-        scheduler.step()
+            optimizer.step()
+            scheduler.step()
     return scale_weights(learned.detach())

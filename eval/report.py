@@ -6,8 +6,9 @@ import csv
 import io
 import json
 import math
+import time
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -40,6 +41,45 @@ def load_predictor(model_type: str, checkpoint: Optional[str], device: str = "cp
         raise InputError("--device cuda: no CUDA GPU is available (use --device cpu)")
     model = build_sam(model_type, path, device=device)
     return SamPredictor(model, precision=precision), path
+
+
+def predictions_to_score(
+    pred: Optional[str],
+    out_dir: Path,
+    predict: Callable[[object, Path], Dict[str, object]],
+    method: str,
+    model_type: str,
+    checkpoint: Optional[str],
+    device: str,
+    precision: str,
+    predictor=None,
+    extra: Optional[Mapping[str, object]] = None,
+) -> Tuple[Path, Dict[str, object]]:
+    """The predictions a runner scores, and the fields of scores.json that describe them.
+
+    With `pred`: that existing folder, nothing is run (method, model and timing are None).
+    Otherwise the model is loaded (unless `predictor` is given) and `predict(predictor, out_dir / "pred")`
+    writes the predictions there and returns its timing, to which the wall time `total_s` is added;
+    `extra` fields go in before the timing.
+    """
+    if pred is not None:
+        pred_dir = Path(pred)
+        if not pred_dir.is_dir():
+            raise InputError(f"--pred {pred_dir}: folder not found")
+        return pred_dir, {"pred": str(pred_dir), "method": None, "model": None, "timing": None}
+    pred_dir = Path(out_dir) / "pred"
+    checkpoint_path = checkpoint
+    if predictor is None:
+        predictor, checkpoint_path = load_predictor(model_type, checkpoint, device, precision)
+    start = time.perf_counter()
+    timing = predict(predictor, pred_dir)
+    timing["total_s"] = time.perf_counter() - start
+    fields: Dict[str, object] = {"pred": str(pred_dir), "method": method, "model": model_type,
+                                 "checkpoint": None if checkpoint_path is None else str(checkpoint_path),
+                                 "device": device, "precision": precision}
+    fields.update(extra or {})
+    fields["timing"] = timing
+    return pred_dir, fields
 
 
 def clean_json(value):

@@ -23,7 +23,7 @@ from persam.io import InputError, atomic_save_png, load_image, load_label_map
 
 from .datasets import DavisDataset
 from .metrics import davis_sequence_scores, davis_summary
-from .report import bar_chart, format_table, load_predictor, timing_summary, write_csv, write_json
+from .report import bar_chart, format_table, predictions_to_score, timing_summary, write_csv, write_json
 
 __all__ = ["run_davis", "predict_davis", "score_davis"]
 
@@ -112,23 +112,11 @@ def run_davis(
     out_dir = Path(out)
     record: Dict[str, object] = {"dataset": f"davis{year}", "data": str(data), "split": split,
                                  "sequences_evaluated": selected, "max_frames": max_frames}
-    if pred is not None:
-        pred_dir = Path(pred)
-        if not pred_dir.is_dir():
-            raise InputError(f"--pred {pred_dir}: folder not found")
-        record.update({"pred": str(pred_dir), "method": None, "model": None, "timing": None})
-    else:
-        pred_dir = out_dir / "pred"
-        checkpoint_path = checkpoint
-        if predictor is None:
-            predictor, checkpoint_path = load_predictor(model_type, checkpoint, device, precision)
-        start = time.perf_counter()
-        timing = predict_davis(predictor, dataset, selected, pred_dir, method, max_frames, use_previous_box, progress)
-        timing["total_s"] = time.perf_counter() - start
-        record.update({"pred": str(pred_dir), "method": method, "model": model_type,
-                       "checkpoint": None if checkpoint_path is None else str(checkpoint_path),
-                       "device": device, "precision": precision, "use_previous_box": use_previous_box,
-                       "timing": timing})
+    pred_dir, fields = predictions_to_score(
+        pred, out_dir,
+        lambda p, d: predict_davis(p, dataset, selected, d, method, max_frames, use_previous_box, progress),
+        method, model_type, checkpoint, device, precision, predictor, extra={"use_previous_box": use_previous_box})
+    record.update(fields)
     scores = score_davis(dataset, selected, pred_dir, max_frames)
     record.update(scores)
 

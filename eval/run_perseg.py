@@ -23,7 +23,7 @@ from persam.io import InputError, atomic_save_png, load_image, load_mask
 
 from .datasets import PerSegDataset
 from .metrics import boundary_iou, class_scores, iou, miou
-from .report import bar_chart, format_table, load_predictor, timing_summary, write_csv, write_json
+from .report import bar_chart, format_table, predictions_to_score, timing_summary, write_csv, write_json
 
 __all__ = ["run_perseg", "predict_perseg", "score_perseg"]
 
@@ -112,22 +112,10 @@ def run_perseg(
     selected = _select_classes(dataset, classes)
     out_dir = Path(out)
     record: Dict[str, object] = {"dataset": "perseg", "data": str(dataset.root), "classes_evaluated": selected}
-    if pred is not None:
-        pred_dir = Path(pred)
-        if not pred_dir.is_dir():
-            raise InputError(f"--pred {pred_dir}: folder not found")
-        record.update({"pred": str(pred_dir), "method": None, "model": None, "timing": None})
-    else:
-        pred_dir = out_dir / "pred"
-        checkpoint_path = checkpoint
-        if predictor is None:
-            predictor, checkpoint_path = load_predictor(model_type, checkpoint, device, precision)
-        start = time.perf_counter()
-        timing = predict_perseg(predictor, dataset, selected, pred_dir, method, progress)
-        timing["total_s"] = time.perf_counter() - start
-        record.update({"pred": str(pred_dir), "method": method, "model": model_type,
-                       "checkpoint": None if checkpoint_path is None else str(checkpoint_path),
-                       "device": device, "precision": precision, "timing": timing})
+    pred_dir, fields = predictions_to_score(
+        pred, out_dir, lambda p, d: predict_perseg(p, dataset, selected, d, method, progress),
+        method, model_type, checkpoint, device, precision, predictor)
+    record.update(fields)
     scores = score_perseg(dataset, selected, pred_dir)
     record.update(scores)
 

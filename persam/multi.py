@@ -48,7 +48,8 @@ def segment_objects(
     the peak is below `min_similarity`, the mask is empty, or it overlaps an
     object already found by IoU >= `max_overlap_iou`; otherwise keep it and
     set its pixels, and those within one feature cell of its positive point,
-    to the map's minimum. Returns the objects found, in order (maybe none).
+    to the map's minimum. PerSAM's negative point always comes from the
+    original (unsuppressed) map. Returns the objects found, in order (maybe none).
     """
     if max_objects < 1:
         return []
@@ -57,6 +58,7 @@ def segment_objects(
     if not predictor.is_image_set:
         raise RuntimeError("no image is set: pass an image or call predictor.set_image() first")
     similarity = similarity_map(similarity_grid(predictor.features, concept.target_vector), predictor.upscale)
+    original = similarity
     similarity = similarity.clone()  # suppressed in place below
     floor = similarity.min()
     # One feature cell, in original pixels: suppress at least that much around the positive point
@@ -64,7 +66,10 @@ def segment_objects(
     cell = max(predictor.original_size) / predictor.features.shape[-1]
     found: List[Segmentation] = []
     while len(found) < max_objects:
-        result = segment_at(predictor, concept, similarity, min_similarity)
+        # Positive point, peak and guidance from the suppressed map; the negative point from the
+        # original one: in the suppressed map every found object's pixels share the minimum, so its
+        # argmin could land inside an object already found.
+        result = segment_at(predictor, concept, similarity, min_similarity, negative_similarity=original)
         if not result.found or not result.mask.any():
             break
         if any(mask_iou(result.mask, other.mask) >= max_overlap_iou for other in found):

@@ -64,6 +64,12 @@ def learn_concept(
 
     `encoded` gives the references' embeddings and original sizes when they
     are already computed (then the images are not encoded again).
+
+    Side effect: the predictor is left holding the LAST reference's embedding
+    (set by encoding the references, or by PerSAM-F's `learn_concept_weights`,
+    which sets each reference in turn), whatever image was set before the
+    call. Set the image to segment afterwards (`segment(..., image)` or
+    `predictor.set_image` / `set_embedding`); do not rely on an earlier one.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
@@ -96,7 +102,11 @@ def learn_concept_weights(
     settings: FinetuneSettings,
     decode_every_step: bool = False,
 ) -> torch.Tensor:
-    """PerSAM-F step 4 on every reference: positive point from its own similarity, multimask, no guidance."""
+    """PerSAM-F step 4 on every reference: positive point from its own similarity, multimask, no guidance.
+
+    Each reference's embedding is set in `predictor` in turn (`set_embedding`), so afterwards the
+    predictor holds the LAST reference's embedding, not the image set before the call.
+    """
     native = settings.loss_resolution == "native"
 
     def reference_logits() -> List[torch.Tensor]:
@@ -156,8 +166,19 @@ def segment_at(
     similarity: torch.Tensor,
     min_similarity: Optional[float] = None,
     keep_similarity: bool = False,
+    negative_similarity: Optional[torch.Tensor] = None,
 ) -> Segmentation:
-    """Steps 2 and 3 for the image set in `predictor`, from its H x W similarity map."""
+    """Steps 2 and 3 for the image set in `predictor`, from its H x W similarity map.
+
+    `similarity` gives the peak, the positive point and (PerSAM) the guidance.
+    `negative_similarity`, an H x W map, gives PerSAM's negative point (its
+    argmin) instead when set: `segment_objects` passes the original map while
+    `similarity` has its found objects suppressed to the minimum, where the
+    argmin of the suppressed map could otherwise land. PerSAM-F has no
+    negative point and ignores it.
+    """
+    if negative_similarity is not None and tuple(negative_similarity.shape) != tuple(similarity.shape):
+        raise ValueError(f"negative_similarity is {tuple(negative_similarity.shape)} but similarity is {tuple(similarity.shape)}")
     peak = float(similarity.max())
     if min_similarity is not None and peak < min_similarity:
         empty = np.zeros(similarity.shape, dtype=bool)
@@ -166,7 +187,7 @@ def segment_at(
     if concept.method == "persam_f":
         choice, points, labels = _persam_f_steps(predictor, concept, similarity)
     else:
-        choice, points, labels = _persam_steps(predictor, concept, similarity)
+        choice, points, labels = _persam_steps(predictor, concept, similarity, negative_similarity)
     return Segmentation(
         mask=choice.mask,
         iou_score=choice.iou_score,
@@ -180,9 +201,20 @@ def segment_at(
     )
 
 
-def _persam_steps(predictor: SamPredictor, concept: Concept, similarity: torch.Tensor):
-    """PerSAM: positive + negative point, guided first prediction, two refinements."""
+def _persam_steps(
+    predictor: SamPredictor,
+    concept: Concept,
+    similarity: torch.Tensor,
+    negative_similarity: Optional[torch.Tensor] = None,
+):
+    """PerSAM: positive + negative point, guided first prediction, two refinements.
+
+    The negative point is the argmin of `negative_similarity` when given, else of `similarity`.
+    """
     points, labels = select_points(similarity, k_positive=1, k_negative=1)
+    if negative_similarity is not None:
+        negative, _ = select_points(negative_similarity, k_positive=0, k_negative=1)
+        points = np.concatenate([points[:1], negative])
     attention = attention_similarity(similarity, predictor.input_size, predictor.features.shape[-1], predictor.model.img_size)
     first = guided_prediction(predictor, points, labels, attention, concept.target_embedding)
     choice = best_mask(first)

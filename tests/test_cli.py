@@ -232,6 +232,44 @@ def test_multi_writes_label_png(data, checkpoint, tmp_path):
     assert Image.open(out / "01.png").mode == "P"
 
 
+def _count_set_image(mp):
+    """Count SamPredictor.set_image calls per distinct image content (the memo above sits below
+    set_image, in set_torch_image, so every call is still seen here)."""
+    counts = {}
+    original = SamPredictor.set_image
+
+    def set_image(self, image, *args, **kwargs):
+        key = hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()
+        counts[key] = counts.get(key, 0) + 1
+        return original(self, image, *args, **kwargs)
+
+    mp.setattr(SamPredictor, "set_image", set_image)
+    return counts
+
+
+@pytest.mark.parametrize("extra", [[], ["--multi", "--max-objects", "3"], ["--finetune", "--steps", "2"],
+                                   ["--multi", "--finetune", "--steps", "2"]], ids=["plain", "multi", "finetune", "multi-finetune"])
+def test_segment_encodes_every_image_once(data, checkpoint, tmp_path, monkeypatch, extra):
+    targets = [data / "targets" / "01.jpg", data / "targets" / "02.jpg"]
+    with monkeypatch.context() as mp:
+        counts = _count_set_image(mp)
+        code = run_cli(["segment", *ref_args(data), *targets, "--out", tmp_path / "out", *extra, *model_args(checkpoint)])
+    assert code == 0
+    # the reference and the two targets: three distinct images, each set (encoded) exactly once
+    assert sorted(counts.values()) == [1, 1, 1], counts
+
+
+def test_click_reference_is_encoded_once(data, checkpoint, tmp_path, monkeypatch):
+    """The reference image is encoded once even when its mask is made by SAM from clicks."""
+    with monkeypatch.context() as mp:
+        disc_predictions(mp)
+        counts = _count_set_image(mp)
+        code = run_cli(["segment", "--ref-image", data / "ref.jpg", "--ref-point", "128,128",
+                        data / "targets" / "01.jpg", "--out", tmp_path / "out", *model_args(checkpoint)])
+    assert code == 0
+    assert sorted(counts.values()) == [1, 1], counts
+
+
 def test_bad_target_is_reported_and_run_continues(data, checkpoint, tmp_path, capsys):
     out = tmp_path / "out"
     code = run_cli(["segment", *ref_args(data), data / "broken.jpg", data / "targets" / "01.jpg",

@@ -76,6 +76,46 @@ def test_previous_box_and_persam_f(predictor, clip):
     assert np.array_equal(outputs[0] == 5, mask)
 
 
+@pytest.mark.parametrize("method", ["persam", "persam_f"])
+def test_every_frame_encoded_once(monkeypatch, predictor, clip, method):
+    frames, mask = clip
+    calls = []
+    original = predictor.set_image
+    monkeypatch.setattr(predictor, "set_image", lambda image: calls.append(image) or original(image))
+    outputs = list(segment_video(predictor, frames, {1: mask, 2: ~mask}, method=method, progress=False))
+    assert len(outputs) == len(frames) and all(o.dtype == np.int32 for o in outputs)
+    # frame 0 once for learning both objects' concepts, every later frame once for both objects
+    assert len(calls) == len(frames)
+    assert all(c is f or np.array_equal(c, f) for c, f in zip(calls, frames))
+
+
+def test_vanished_object_is_searched_again_without_a_box(monkeypatch, predictor, clip):
+    """An object missing from one frame's merged map has no previous box in the next frame: it is located
+    from its similarity alone (no stale box, no crash) and can come back."""
+    import persam.video as video
+
+    frames, mask = clip
+    seen = []
+    real = video._segment_frame
+
+    def segment_frame(predictor_, frame, ids, concepts, previous_boxes, *rest):
+        seen.append(None if previous_boxes is None else dict(previous_boxes))
+        choices = real(predictor_, frame, ids, concepts, previous_boxes, *rest)
+        if len(seen) == 1:  # frame 1: object 1 vanishes
+            choice = choices[1]
+            choices[1] = video.MaskChoice(np.zeros_like(choice.mask), choice.low_res_logits, choice.iou_score,
+                                          np.full(choice.mask.shape, -1.0, np.float32))
+        return choices
+
+    monkeypatch.setattr(video, "_segment_frame", segment_frame)
+    outputs = list(segment_video(predictor, frames, {1: mask}, progress=False))
+    assert len(outputs) == 3
+    assert not (outputs[1] == 1).any()
+    assert seen[0][1] is not None  # frame 1 is prompted with frame 0's box
+    assert seen[1][1] is None  # frame 2: no box for the vanished object
+    assert set(np.unique(outputs[2]).tolist()) <= {0, 1}
+
+
 def test_tiny_object(predictor, clip):
     frames, _ = clip
     tiny = np.zeros(frames[0].shape[:2], dtype=bool)

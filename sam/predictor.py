@@ -1,5 +1,6 @@
 """Encode an image once, then decode masks from as many prompts as asked."""
 
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import ContextManager, Optional, Tuple, Union
@@ -42,6 +43,15 @@ def autocast_context(device: torch.device, precision: str) -> ContextManager:
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(check()) if check is not None else False
+    except RuntimeError:
+        return False
+
+
 class SamPredictor:
     """Keeps one image's embedding and decodes prompts against it.
 
@@ -53,6 +63,13 @@ class SamPredictor:
         self.model = sam_model
         self.precision = precision
         autocast_context(self.device, precision)  # validates the mode for this device
+        if precision == "bf16" and self.device.type == "cpu" and not cpu_has_native_bf16():
+            warnings.warn(
+                "this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 is emulated and runs several times "
+                "slower than fp32 here; use precision='fp32'",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         self.reset_image()
 
     @property

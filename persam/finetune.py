@@ -15,6 +15,7 @@ Where the loss is evaluated (`loss_resolution`):
               cheaper per step (the default on CPU-sized budgets).
 """
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Sequence
@@ -100,6 +101,7 @@ class MixedLogitsObjective:
         self.one_minus_2t = 1 - 2 * t
         # d(1 - p_t)/dx = s (1 - s) (1 - 2 t); d(mod)/d(1 - p_t) = gamma (1 - p_t)^(gamma - 1)
         self.gamma = gamma
+        self.focal_chain = gamma * self.alpha_over_n * self.one_minus_2t
         self.x, self.e, self.s, self.ce, self.q, self.ds, self.grad, self.tmp = (torch.empty(n) for _ in range(8))
 
     def _forward(self, learned: torch.Tensor) -> None:
@@ -118,19 +120,29 @@ class MixedLogitsObjective:
         return torch.mul(self.q, self.q, out=out) if self.gamma == 2 else torch.pow(self.q, self.gamma, out=out)
 
     def gradient(self, learned: torch.Tensor) -> torch.Tensor:
-        """d(dice + focal) / d(w1, w2), shape (2,)."""
+        """d(dice + focal) / d(w1, w2), shape (2,).
+
+        Per pixel, with q = 1 - p_t and ds = s (1 - s):
+            focal'  = alpha_t / n * [(s - t) q^g + g q^(g-1) ce (1 - 2t) ds]
+            dice'   = [(2 I + 1) / D^2 - 2 t / D] ds
+        """
         self._forward(learned)
         t, s, ce, q, ds, grad, tmp = self.target, self.s, self.ce, self.q, self.ds, self.grad, self.tmp
-        # focal: alpha_t / n * [(s - t) q^g + ce * g q^(g-1) * ds * (1 - 2t)]
-        torch.sub(s, t, out=grad).mul_(self._modulator(tmp)).mul_(self.alpha_over_n)
-        derivative = torch.mul(q, 2.0, out=tmp) if self.gamma == 2 else torch.pow(q, self.gamma - 1, out=tmp).mul_(self.gamma)
-        derivative.mul_(ce).mul_(ds).mul_(self.one_minus_2t).mul_(self.alpha_over_n)
-        grad.add_(derivative)
-        # dice = 1 - (2 I + 1) / (S + T + 1): d/ds = (2 I + 1) / D^2 - 2 t / D
         numerator = 2 * float(torch.dot(s, t)) + 1
         denominator = float(s.sum()) + self.target_sum + 1
-        torch.mul(t, -2.0 / denominator, out=tmp).add_(numerator / denominator**2).mul_(ds)
-        grad.add_(tmp)
+        # the terms carrying ds: g q^(g-1) ce * alpha_t (1 - 2t) / n + dice's (2 I + 1) / D^2 - 2 t / D
+        if self.gamma == 2:
+            torch.mul(q, ce, out=tmp)
+        else:
+            torch.pow(q, self.gamma - 1, out=tmp).mul_(ce)
+        tmp.mul_(self.focal_chain).add_(t, alpha=-2.0 / denominator).add_(numerator / denominator**2).mul_(ds)
+        # (s - t) q^g alpha_t / n
+        torch.sub(s, t, out=grad)
+        if self.gamma == 2:
+            grad.mul_(q).mul_(q)
+        else:
+            grad.mul_(torch.pow(q, self.gamma, out=self.e))
+        grad.mul_(self.alpha_over_n).add_(tmp)
         return self.delta_t.t() @ grad
 
     def loss(self, learned: torch.Tensor) -> float:
@@ -174,18 +186,53 @@ def learn_scale_weights(
     implementation does (same result; for tests and benchmarks).
     """
     settings = settings or FinetuneSettings()
-    learned = torch.full((2,), INITIAL_WEIGHT, requires_grad=True)
-    optimizer = torch.optim.AdamW([learned], lr=settings.lr, eps=settings.eps)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, settings.steps)
+    optimizer = AdamWCosine(settings.lr, settings.eps, settings.steps)
+    learned = torch.full((2,), INITIAL_WEIGHT)
     objectives: List[MixedLogitsObjective] = []
-    for _ in range(settings.steps):
-        if not objectives or decode_every_step:
-            objectives = [
-                MixedLogitsObjective(logits, target, settings.focal_alpha, settings.focal_gamma)
-                for logits, target in zip(reference_logits(), targets)
-            ]
-        with torch.no_grad(), single_thread():
-            learned.grad = sum(objective.gradient(learned.detach()) for objective in objectives)
-            optimizer.step()
-            scheduler.step()
-    return scale_weights(learned.detach())
+    with torch.no_grad(), single_thread():
+        for _ in range(settings.steps):
+            if not objectives or decode_every_step:
+                objectives = [
+                    MixedLogitsObjective(logits, target, settings.focal_alpha, settings.focal_gamma)
+                    for logits, target in zip(reference_logits(), targets)
+                ]
+            gradient = sum(objective.gradient(learned) for objective in objectives)
+            learned = optimizer.step(learned, gradient)
+    return scale_weights(learned)
+
+
+class AdamWCosine:
+    """torch.optim.AdamW (default betas and weight decay) under CosineAnnealingLR, for a few scalars.
+
+    The same arithmetic as torch's, in float64 Python scalars: torch's
+    optimizer and scheduler cost more per step than the whole gradient here.
+    """
+
+    def __init__(self, lr: float, eps: float, total_steps: int, betas=(0.9, 0.999), weight_decay: float = 0.01) -> None:
+        self.base_lr, self.eps, self.total_steps = lr, eps, total_steps
+        self.beta1, self.beta2 = betas
+        self.weight_decay = weight_decay
+        self.step_count = 0
+        self.exp_avg: Optional[List[float]] = None
+        self.exp_avg_sq: Optional[List[float]] = None
+
+    def learning_rate(self, step: int) -> float:
+        """Cosine annealing from base_lr to 0 over total_steps (closed form)."""
+        return self.base_lr * (1 + math.cos(math.pi * step / self.total_steps)) / 2
+
+    def step(self, params: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+        lr = self.learning_rate(self.step_count)
+        self.step_count += 1
+        values, grads = params.tolist(), gradient.tolist()
+        if self.exp_avg is None:
+            self.exp_avg, self.exp_avg_sq = [0.0] * len(values), [0.0] * len(values)
+        correction1 = 1 - self.beta1**self.step_count
+        correction2_sqrt = math.sqrt(1 - self.beta2**self.step_count)
+        updated = []
+        for i, (value, grad) in enumerate(zip(values, grads)):
+            value *= 1 - lr * self.weight_decay
+            self.exp_avg[i] = self.beta1 * self.exp_avg[i] + (1 - self.beta1) * grad
+            self.exp_avg_sq[i] = self.beta2 * self.exp_avg_sq[i] + (1 - self.beta2) * grad * grad
+            denominator = math.sqrt(self.exp_avg_sq[i]) / correction2_sqrt + self.eps
+            updated.append(value - (lr / correction1) * self.exp_avg[i] / denominator)
+        return torch.tensor(updated, dtype=params.dtype)

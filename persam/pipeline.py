@@ -234,3 +234,46 @@ def _persam_f_steps(predictor: SamPredictor, concept: Concept, similarity: torch
     choice = refine_with_box(predictor, points, labels, choice)
     choice = refine_with_box(predictor, points, labels, choice)
     return choice, points, labels
+
+
+class PerSAM:
+    """Training-free PerSAM with the reference defaults (mean target, tau 0.97).
+
+        persam = PerSAM(SamPredictor(build_sam("vit_h", checkpoint)))
+        concept = persam.learn(reference_image, reference_mask)
+        found = persam.segment(new_image, concept)
+    """
+
+    method = "persam"
+
+    def __init__(self, predictor: SamPredictor, tau: float = 0.97, target_mode: Optional[str] = None,
+                 min_similarity: Optional[float] = None) -> None:
+        self.predictor = predictor
+        self.tau = tau
+        self.target_mode = target_mode
+        self.min_similarity = min_similarity
+
+    def _finetune_settings(self) -> Optional[FinetuneSettings]:
+        return None
+
+    def learn(self, image: np.ndarray, mask: np.ndarray, *more: Tuple[np.ndarray, np.ndarray]) -> Concept:
+        """A concept from one reference (image, mask), or several: learn(image, mask, (image2, mask2), ...)."""
+        references = [(image, mask), *more]
+        return learn_concept(self.predictor, references, self.method, self.tau, self.target_mode, self._finetune_settings())
+
+    def segment(self, image: np.ndarray, concept: Concept, keep_similarity: bool = False) -> Segmentation:
+        return segment(self.predictor, concept, image, self.min_similarity, keep_similarity)
+
+
+class PerSAMF(PerSAM):
+    """PerSAM-F: PerSAM plus the two learned mask-scale weights (mean_max target, 1000 AdamW steps)."""
+
+    method = "persam_f"
+
+    def __init__(self, predictor: SamPredictor, tau: float = 0.97, target_mode: Optional[str] = None,
+                 min_similarity: Optional[float] = None, finetune: Optional[FinetuneSettings] = None) -> None:
+        super().__init__(predictor, tau, target_mode, min_similarity)
+        self.finetune = finetune or FinetuneSettings()
+
+    def _finetune_settings(self) -> Optional[FinetuneSettings]:
+        return self.finetune

@@ -27,7 +27,7 @@ def test_analytic_gradient_matches_autograd(soft_target, gamma):
         learned = torch.tensor(point, requires_grad=True)
         loss = finetune_loss(logits, target, scale_weights(learned), settings)
         loss.backward()
-        assert objective.loss(learned.detach()) == pytest.approx(float(loss), rel=1e-5)
+        assert objective.loss(learned.detach()) == pytest.approx(loss.item(), rel=1e-5)
         torch.testing.assert_close(objective.gradient(learned.detach()), learned.grad, rtol=1e-4, atol=1e-6)
 
 

@@ -83,15 +83,15 @@ class MixedLogitsObjective:
     """Exact gradient (and loss) of dice + focal w.r.t. (w1, w2) for fixed logits, without autograd.
 
     The mixed logits are L0 + w1 (L1 - L0) + w2 (L2 - L0) = sum(w_i L_i).
-    The per-pixel derivative is written out and reduced with one
-    matrix-vector product; every step reuses preallocated buffers (fresh
+    The per-pixel derivative is written out and reduced with two dot
+    products; every step reuses preallocated buffers (fresh
     allocations, not arithmetic, dominate the cost at these sizes on CPU).
     """
 
     def __init__(self, logits: torch.Tensor, target: torch.Tensor, alpha: float, gamma: float) -> None:
         logits = logits.reshape(3, -1).to(torch.float32)
         self.base = logits[0].contiguous()
-        self.delta_t = torch.stack([logits[1] - logits[0], logits[2] - logits[0]], dim=1)  # N x 2
+        self.delta = [(logits[1] - logits[0]).contiguous(), (logits[2] - logits[0]).contiguous()]
         t = target.reshape(-1).to(torch.float32).contiguous()
         n = t.numel()
         self.target = t
@@ -107,7 +107,8 @@ class MixedLogitsObjective:
     def _forward(self, learned: torch.Tensor) -> None:
         """Fill x (mixed logits), e = exp(-|x|), s = sigmoid(x), ce (BCE), q = 1 - p_t, ds = s (1 - s)."""
         t, x, e, s, ce, q, ds, tmp = self.target, self.x, self.e, self.s, self.ce, self.q, self.ds, self.tmp
-        torch.addmv(self.base, self.delta_t, learned.to(torch.float32), out=x)
+        w1, w2 = learned.tolist()
+        torch.add(self.base, self.delta[0], alpha=w1, out=x).add_(self.delta[1], alpha=w2)
         torch.abs(x, out=e).neg_().exp_()
         torch.sigmoid(x, out=s)
         torch.log1p(e, out=ce).add_(torch.clamp(x, min=0, out=tmp)).sub_(torch.mul(x, t, out=tmp))
@@ -143,7 +144,7 @@ class MixedLogitsObjective:
         else:
             grad.mul_(torch.pow(q, self.gamma, out=self.e))
         grad.mul_(self.alpha_over_n).add_(tmp)
-        return self.delta_t.t() @ grad
+        return torch.stack([torch.dot(self.delta[0], grad), torch.dot(self.delta[1], grad)])
 
     def loss(self, learned: torch.Tensor) -> float:
         """dice + focal at `learned`."""

@@ -115,7 +115,7 @@ def learn_concept_weights(
             predictor.set_embedding(features, original_size)
             similarity = similarity_map(similarity_grid(features, concept.target_vector), predictor.upscale)
             points, labels = select_points(similarity, k_positive=1, k_negative=0)
-            prediction = predictor.predict(points, labels, multimask_output=True)
+            prediction = predictor.predict(points, labels, multimask_output=True, full_size=not native)
             if native:
                 rows, cols = _native_extent(predictor)
                 all_logits.append(torch.from_numpy(prediction.low_res_logits[:, :rows, :cols]))

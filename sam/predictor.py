@@ -25,10 +25,10 @@ class Prediction:
     Arrays are numpy from `predict`, tensors from `predict_torch`.
     """
 
-    masks: ArrayLike
+    masks: Optional[ArrayLike]  # None when decoded with full_size=False
     iou_scores: ArrayLike
     low_res_logits: ArrayLike
-    logits: ArrayLike
+    logits: Optional[ArrayLike]  # None when decoded with full_size=False
 
 
 def autocast_context(device: torch.device, precision: str) -> ContextManager:
@@ -123,6 +123,7 @@ class SamPredictor:
         multimask_output: bool = True,
         attention_similarity: Optional[ArrayLike] = None,
         target_embedding: Optional[ArrayLike] = None,
+        full_size: bool = True,
     ) -> Prediction:
         """Decode prompts given in original-image pixels; returns numpy arrays.
 
@@ -131,6 +132,7 @@ class SamPredictor:
         Batched prompt sets: B x N x 2 / B x N points, B x 4 boxes, B x 1 x 256 x 256
         masks; the output then has a leading B axis. attention_similarity and
         target_embedding are PerSAM's decoder hooks (see sam/transformer.py).
+        full_size=False skips the original-size outputs (masks and logits are None).
         """
         batched = (point_coords is not None and np.ndim(point_coords) == 3) or (
             box is not None and np.ndim(box) == 2
@@ -150,12 +152,16 @@ class SamPredictor:
             multimask_output,
             attention_similarity=None if attention_similarity is None else torch.as_tensor(attention_similarity),
             target_embedding=None if target_embedding is None else torch.as_tensor(target_embedding),
+            full_size=full_size,
         )
-        arrays = [t.float().cpu().numpy() if t.dtype != torch.bool else t.cpu().numpy() for t in
-                  (result.masks, result.iou_scores, result.low_res_logits, result.logits)]
-        if not batched:
-            arrays = [a[0] for a in arrays]
-        return Prediction(*arrays)
+
+        def to_numpy(t: Optional[torch.Tensor]) -> Optional[np.ndarray]:
+            if t is None:
+                return None
+            array = t.cpu().numpy() if t.dtype == torch.bool else t.float().cpu().numpy()
+            return array if batched else array[0]
+
+        return Prediction(*(to_numpy(t) for t in (result.masks, result.iou_scores, result.low_res_logits, result.logits)))
 
     @torch.inference_mode()
     def predict_torch(
@@ -167,6 +173,7 @@ class SamPredictor:
         multimask_output: bool = True,
         attention_similarity: Optional[torch.Tensor] = None,
         target_embedding: Optional[torch.Tensor] = None,
+        full_size: bool = True,
     ) -> Prediction:
         """Batched decoding, prompts in original-image pixels, tensors in and out.
 
@@ -207,6 +214,8 @@ class SamPredictor:
             attention_similarity=attention_similarity,
             target_embedding=target_embedding,
         )
+        if not full_size:
+            return Prediction(None, iou_scores, low_res, None)
         logits = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
         return Prediction(logits > self.model.mask_threshold, iou_scores, low_res, logits)
 

@@ -158,12 +158,7 @@ def load_mask(path: PathLike, shape: Optional[Sequence[int]] = None) -> np.ndarr
         if arr.ndim == 2:
             arr = arr[:, :, None]
         mask = _nonblack(arr, lossy)
-    if shape is not None:
-        h, w = _shape_hw(shape)
-        if mask.shape != (h, w):
-            raise InputError(
-                f"mask {p} is {mask.shape[1]}x{mask.shape[0]} but its image is {w}x{h}"
-            )
+    _check_size(mask, shape, f"mask {p}")
     return np.ascontiguousarray(mask)
 
 
@@ -200,13 +195,17 @@ def load_label_map(path: PathLike, shape: Optional[Sequence[int]] = None) -> np.
         labels = values.astype(np.int32)
     else:
         labels = _rgb_to_ids(np.asarray(img.convert("RGB")), p)
-    if shape is not None:
-        h, w = _shape_hw(shape)
-        if labels.shape != (h, w):
-            raise InputError(
-                f"label map {p} is {labels.shape[1]}x{labels.shape[0]} but its image is {w}x{h}"
-            )
+    _check_size(labels, shape, f"label map {p}")
     return np.ascontiguousarray(labels)
+
+
+def _check_size(array: np.ndarray, shape, what: str) -> None:
+    """InputError when a mask-like H x W array is not the size of its image (`shape`, when given)."""
+    if shape is None:
+        return
+    h, w = _shape_hw(shape)
+    if array.shape != (h, w):
+        raise InputError(f"{what} is {array.shape[1]}x{array.shape[0]} but its image is {w}x{h}")
 
 
 def _only_values(arr: np.ndarray, values: Sequence[int]) -> bool:

@@ -13,10 +13,10 @@ import torch
 
 from sam.predictor import SamPredictor
 
-from .finetune import FinetuneSettings, learn_scale_weights, mix_logits
+from .finetune import FinetuneSettings, learn_scale_weights
 from .guide import attention_similarity, guided_prediction
 from .locate import select_points, similarity_grid, similarity_map
-from .refine import MaskChoice, best_mask, mask_box, refine_with_box, refine_with_mask
+from .refine import best_mask, mask_box, mixed_mask, refine_with_box, refine_with_mask
 from .target import mask_area_on_grid, pool_target_features, target_cells, target_embedding, target_features, target_vector
 
 METHODS = ("persam", "persam_f")
@@ -226,11 +226,7 @@ def _persam_steps(
 def _persam_f_steps(predictor: SamPredictor, concept: Concept, similarity: torch.Tensor):
     """PerSAM-F: positive point, multimask mixed by the learned weights, then box refinements."""
     points, labels = select_points(similarity, k_positive=1, k_negative=0)
-    prediction = predictor.predict(points, labels, multimask_output=True)
-    weights = concept.scale_weights.to(torch.float32)
-    mixed_logits = mix_logits(torch.from_numpy(prediction.logits), weights).numpy()
-    mixed_low_res = mix_logits(torch.from_numpy(prediction.low_res_logits), weights).numpy()
-    choice = MaskChoice(mixed_logits > 0, mixed_low_res, float(np.dot(weights.numpy(), prediction.iou_scores)), mixed_logits)
+    choice = mixed_mask(predictor.predict(points, labels, multimask_output=True), concept.scale_weights)
     choice = refine_with_box(predictor, points, labels, choice)
     choice = refine_with_box(predictor, points, labels, choice)
     return choice, points, labels

@@ -10,8 +10,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+import torch
 
 from sam.predictor import Prediction, SamPredictor
+
+from .finetune import mix_logits
 
 
 @dataclass
@@ -37,6 +40,18 @@ def best_mask(prediction: Prediction) -> MaskChoice:
         float(prediction.iou_scores[index]),
         prediction.logits[index],
     )
+
+
+def mixed_mask(prediction: Prediction, scale_weights: torch.Tensor) -> MaskChoice:
+    """PerSAM-F: a single multimask prediction's three masks mixed by the learned weights (3,).
+
+    The mask is where the mixed full-size logits are > 0; the mixed low-res
+    logits serve as the next mask prompt; the score is the mixed IoU estimate.
+    """
+    weights = scale_weights.to(torch.float32)
+    logits = mix_logits(torch.from_numpy(prediction.logits), weights).numpy()
+    low_res = mix_logits(torch.from_numpy(prediction.low_res_logits), weights).numpy()
+    return MaskChoice(logits > 0, low_res, float(np.dot(weights.numpy(), prediction.iou_scores)), logits)
 
 
 def mask_box(mask: np.ndarray) -> Optional[np.ndarray]:

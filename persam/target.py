@@ -17,25 +17,29 @@ from sam.transforms import pad_to_square, resize_longest_side
 TARGET_MODES = ("mean", "max", "mean_max")
 
 
-def mask_on_grid(mask: np.ndarray, grid_size: int = 64, img_size: int = 1024) -> torch.Tensor:
-    """Reference mask H x W (bool or 0/1) -> its value at every grid cell centre, grid x grid in [0, 1].
-
-    The mask is resized exactly like the image (longest side to `img_size`,
-    bilinear, antialiased), zero-padded like the image, then sampled
-    bilinearly at the centre of each cell.
-    """
+def mask_in_input_frame(mask: np.ndarray, img_size: int = 1024) -> torch.Tensor:
+    """Reference mask H x W (bool or 0/1) -> 1 x 1 x S x S in [0, 1], resized and zero-padded exactly like the image."""
     mask_tensor = torch.from_numpy(np.asarray(mask, dtype=np.float32))[None]
     resized = resize_longest_side(mask_tensor, img_size, round_to_uint8=False)
-    padded = pad_to_square(resized, img_size)[None]  # 1 x 1 x S x S
-    return F.interpolate(padded, size=(grid_size, grid_size), mode="bilinear", align_corners=False)[0, 0]
+    return pad_to_square(resized, img_size)[None]
+
+
+def mask_on_grid(mask: np.ndarray, grid_size: int = 64, img_size: int = 1024) -> torch.Tensor:
+    """The mask's value at every grid cell centre (bilinear), grid x grid in [0, 1]."""
+    return _at_cell_centres(mask_in_input_frame(mask, img_size), grid_size)
 
 
 def mask_area_on_grid(mask: np.ndarray, grid_size: int = 64, img_size: int = 1024) -> torch.Tensor:
     """Fraction of every grid cell covered by the mask (grid x grid), for masks too small to reach a cell centre."""
-    mask_tensor = torch.from_numpy(np.asarray(mask, dtype=np.float32))[None]
-    resized = resize_longest_side(mask_tensor, img_size, round_to_uint8=False)
-    padded = pad_to_square(resized, img_size)[None]
-    return F.adaptive_avg_pool2d(padded, grid_size)[0, 0]
+    return _cell_coverage(mask_in_input_frame(mask, img_size), grid_size)
+
+
+def _at_cell_centres(framed: torch.Tensor, grid_size: int) -> torch.Tensor:
+    return F.interpolate(framed, size=(grid_size, grid_size), mode="bilinear", align_corners=False)[0, 0]
+
+
+def _cell_coverage(framed: torch.Tensor, grid_size: int) -> torch.Tensor:
+    return F.adaptive_avg_pool2d(framed, grid_size)[0, 0]
 
 
 def target_cells(mask: np.ndarray, tau: float = 0.97, grid_size: int = 64, img_size: int = 1024) -> torch.Tensor:
@@ -46,11 +50,12 @@ def target_cells(mask: np.ndarray, tau: float = 0.97, grid_size: int = 64, img_s
     """
     if not np.any(mask):
         raise ValueError("the reference mask is empty: there is no target to learn")
-    at_centres = mask_on_grid(mask, grid_size, img_size)
+    framed = mask_in_input_frame(mask, img_size)
+    at_centres = _at_cell_centres(framed, grid_size)
     cells = at_centres >= tau
     if cells.any():
         return cells
-    coverage = torch.maximum(at_centres, mask_area_on_grid(mask, grid_size, img_size))
+    coverage = torch.maximum(at_centres, _cell_coverage(framed, grid_size))
     return coverage >= coverage.max() - 1e-6
 
 

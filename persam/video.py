@@ -22,11 +22,11 @@ from tqdm import tqdm
 
 from sam.predictor import Prediction, SamPredictor
 
-from .finetune import FinetuneSettings, mix_logits
+from .finetune import FinetuneSettings
 from .guide import attention_similarity
 from .locate import select_points, similarity_grid, similarity_map
 from .pipeline import METHODS, Concept, learn_concept
-from .refine import MaskChoice, best_mask, keep_non_empty, mask_box
+from .refine import MaskChoice, best_mask, keep_non_empty, mask_box, mixed_mask
 
 __all__ = ["segment_video", "masks_from_label_map", "merge_by_logits", "grow_box", "VideoPrompt"]
 
@@ -213,10 +213,7 @@ def _segment_frame(
             choices[i] = best_mask(prediction)
     if persam_f_ids:  # multimask, no guidance, mixed by the learned weights
         for i, prediction in zip(persam_f_ids, decode_batched(predictor, [prompts[i] for i in persam_f_ids], True)):
-            weights = concepts[i].scale_weights.to(torch.float32)
-            mixed = mix_logits(torch.from_numpy(prediction.logits), weights).numpy()
-            mixed_low_res = mix_logits(torch.from_numpy(prediction.low_res_logits), weights).numpy()
-            choices[i] = MaskChoice(mixed > 0, mixed_low_res, float(np.dot(weights.numpy(), prediction.iou_scores)), mixed)
+            choices[i] = mixed_mask(prediction, concepts[i].scale_weights)
 
     # refinement 1: PerSAM: points + mask prompt; PerSAM-F: points + box of the mask + mask prompt
     _refine(predictor, prompts, choices, [i for i in persam_ids], with_box=False)

@@ -20,27 +20,13 @@ DEFAULT_MODEL = "vit_h"
 
 def load_predictor(model_type: str, checkpoint: Optional[str], device: str = "cpu", precision: str = "fp32"):
     """A SamPredictor for `model_type` with `checkpoint` (default: the cached download; never downloads)."""
-    import torch
-
-    from sam.build import build_sam
-    from sam.download import MODELS, default_cache_dir
-    from sam.predictor import SamPredictor
+    from persam.cli import build_predictor, resolve_checkpoint
+    from sam.download import MODELS
 
     if model_type not in MODELS:
         raise InputError(f"unknown model {model_type!r}: one of {', '.join(sorted(MODELS))}")
-    if checkpoint:
-        path = Path(checkpoint).expanduser()
-        if not path.is_file():
-            raise InputError(f"checkpoint {path}: file not found")
-    else:
-        path = default_cache_dir() / MODELS[model_type].filename
-        if not path.is_file():
-            raise InputError(f"no checkpoint for {model_type}: {path} not found; run `persam download {model_type}` "
-                             "or pass --checkpoint PATH")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA GPU is available (use --device cpu)")
-    model = build_sam(model_type, path, device=device)
-    return SamPredictor(model, precision=precision), path
+    path = resolve_checkpoint(model_type, checkpoint)
+    return build_predictor(model_type, path, device, precision), path
 
 
 def predictions_to_score(

@@ -117,10 +117,10 @@ def _check_output_folder(folder: Path) -> None:
         raise InputError(f"output folder {folder} is not writable ({exc.strerror or exc})") from None
 
 
-def _checkpoint_path(args: argparse.Namespace, model_type: str) -> Path:
-    """--checkpoint, else the cached download of the model; never downloads."""
-    if args.checkpoint:
-        path = Path(args.checkpoint).expanduser()
+def resolve_checkpoint(model_type: str, checkpoint: Optional[str]) -> Path:
+    """`checkpoint` when given, else the cached download of the model; never downloads."""
+    if checkpoint:
+        path = Path(checkpoint).expanduser()
         if not path.exists():
             raise InputError(f"checkpoint {path}: file not found")
         return path
@@ -135,18 +135,19 @@ def _checkpoint_path(args: argparse.Namespace, model_type: str) -> Path:
     return path
 
 
-def _predictor(args: argparse.Namespace, model_type: str, checkpoint: Path):
+def build_predictor(model_type: str, checkpoint: Path, device: str, precision: str):
+    """The SamPredictor for the command-line options, after checking that the device exists."""
     import torch
 
     from sam.build import build_sam
     from sam.predictor import SamPredictor
 
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA GPU is available (use --device cpu)")
-    if args.device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise InputError("--device mps: Apple MPS is not available (use --device cpu)")
-    model = build_sam(model_type, checkpoint, device=args.device)
-    return SamPredictor(model, precision=args.precision)
+    model = build_sam(model_type, checkpoint, device=device)
+    return SamPredictor(model, precision=precision)
 
 
 def _read_references(args: argparse.Namespace):
@@ -272,11 +273,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
     refs = _read_references(args)
     out_dir = Path(args.out)
     _check_output_folder(out_dir)
-    checkpoint = _checkpoint_path(args, model_type)
+    checkpoint = resolve_checkpoint(model_type, args.checkpoint)
     holder = {}
 
     def predictor_factory():
-        holder["predictor"] = _predictor(args, model_type, checkpoint)
+        holder["predictor"] = build_predictor(model_type, checkpoint, args.device, args.precision)
         return holder["predictor"]
 
     def concept_factory(predictor):
@@ -300,8 +301,8 @@ def cmd_learn(args: argparse.Namespace) -> int:
     if out.is_dir():
         raise InputError(f"--out {out} is a folder; give the concept file to write, e.g. {out / 'concept.pt'}")
     _check_output_folder(out.parent if str(out.parent) else Path("."))
-    checkpoint = _checkpoint_path(args, model_type)
-    predictor = _predictor(args, model_type, checkpoint)
+    checkpoint = resolve_checkpoint(model_type, args.checkpoint)
+    predictor = build_predictor(model_type, checkpoint, args.device, args.precision)
     concept = _learn(args, predictor, refs, out.with_name(f"{out.stem}_reference_mask.png"))
     save_concept(concept, out, model_type=model_type, checkpoint_sha256=sha256_file(checkpoint))
     print(out)
@@ -318,12 +319,12 @@ def cmd_apply(args: argparse.Namespace) -> int:
     model_type = args.model or concept.model_type or DEFAULT_MODEL
     out_dir = Path(args.out)
     _check_output_folder(out_dir)
-    checkpoint = _checkpoint_path(args, model_type)
+    checkpoint = resolve_checkpoint(model_type, args.checkpoint)
     concept = load_concept(args.concept, model_type=model_type, checkpoint_sha256=sha256_file(checkpoint))
     info = _model_info(model_type, checkpoint)
     info["concept"] = str(args.concept)
     return _run_targets(
-        args, lambda: _predictor(args, model_type, checkpoint), lambda predictor: concept, info
+        args, lambda: build_predictor(model_type, checkpoint, args.device, args.precision), lambda predictor: concept, info
     )
 
 

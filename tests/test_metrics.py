@@ -111,6 +111,29 @@ def test_boundary_iou_basic_cases():
     assert inter == union == boundary_region(a).sum()
 
 
+def test_thin_ring_error_costs_boundary_iou_much_more_than_iou():
+    # The prediction misses a 2-pixel ring along the object's edge: a 100 px
+    # square predicted as the 96 px square inside it. With the band d = 10 of a
+    # 300 x 400 image, each band is the frame between two nested squares:
+    # truth 100 to 80, prediction 96 to 76. They meet in the frame 96 to 80 and
+    # together cover the frame 100 to 76, so
+    #   IoU  = 96^2 / 100^2                     = 0.92
+    #   bIoU = (96^2 - 80^2) / (100^2 - 76^2)   = 0.67
+    shape = (300, 400)
+    assert boundary_width(shape) == 10
+    gt = square(shape, 100, 100, 100)
+    pred = square(shape, 102, 102, 96)
+    assert iou(pred, gt) == pytest.approx(96**2 / 100**2)
+    assert boundary_intersection_union(pred, gt) == (96**2 - 80**2, 100**2 - 76**2)
+    assert boundary_iou(pred, gt) == pytest.approx((96**2 - 80**2) / (100**2 - 76**2))
+    assert boundary_iou(pred, gt) < iou(pred, gt) - 0.2
+    # The same ring added outside the object: frames 104 to 84 and 100 to 80.
+    grown = square(shape, 98, 98, 104)
+    assert iou(grown, gt) == pytest.approx(100**2 / 104**2)
+    assert boundary_iou(grown, gt) == pytest.approx((100**2 - 84**2) / (104**2 - 80**2))
+    assert boundary_iou(grown, gt) < iou(grown, gt) - 0.2
+
+
 def test_boundary_iou_much_lower_than_iou_for_small_shift():
     gt = disc((300, 300), 150, 150, 100)
     for shift in (1, 2):

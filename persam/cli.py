@@ -105,6 +105,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _object_count(text: str) -> int:
+    from .run import MAX_LABELS
+
+    value = _positive_int(text)
+    if value > MAX_LABELS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_LABELS} objects fit one label PNG, got {value}")
+    return value
+
+
 def _check_output_folder(folder: Path) -> None:
     """Create `folder` and make sure files can be written into it (before any slow work)."""
     import tempfile
@@ -391,8 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="target images: files, folders of images, or glob patterns")
         q.add_argument("--out", metavar="DIR", required=True, help="output folder")
         q.add_argument("--multi", action="store_true", help="find several objects of the concept per image")
-        q.add_argument("--max-objects", type=_positive_int, default=5, metavar="N",
-                       help="with --multi: at most N objects per image (default 5)")
+        q.add_argument("--max-objects", type=_object_count, default=5, metavar="N",
+                       help="with --multi: at most N objects per image (default 5, at most 255)")
         q.add_argument("--min-similarity", type=float, default=None, metavar="S",
                        help="report no object where the peak target similarity is below S")
         q.add_argument("--save-similarity", action="store_true", help="also write NAME_similarity.png heat maps")

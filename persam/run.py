@@ -42,6 +42,7 @@ __all__ = [
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 RESULTS_FILE = "results.json"
 RESULTS_VERSION = 1
+MAX_LABELS = 255  # objects one 8-bit label PNG can hold (0 is background)
 _GLOB_CHARS = set("*?[")
 
 
@@ -55,6 +56,13 @@ class RunOptions:
     overlay_format: str = "jpg"  # "jpg" or "png"
     progress: Optional[bool] = None  # None: a progress bar only on a terminal
     info: Dict[str, object] = field(default_factory=dict)  # run settings recorded in results.json
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_objects <= MAX_LABELS:
+            raise ValueError(f"max_objects must be between 1 and {MAX_LABELS} (the label PNG holds {MAX_LABELS} "
+                             f"objects), got {self.max_objects}")
+        if self.overlay_format not in ("jpg", "png"):
+            raise ValueError(f"overlay_format must be 'jpg' or 'png', got {self.overlay_format!r}")
 
 
 @dataclass
@@ -224,7 +232,7 @@ def _write_outputs(predictor, concept, options, image, segs, found, out_dir, fil
     written.append(atomic_write_bytes(out_dir / files["overlay"], _encode_jpg_or_png(picture, options.overlay_format)))
     if options.multi:
         label_map = np.zeros(image.shape[:2], dtype=np.uint8)
-        for k, s in enumerate(found[:255], start=1):
+        for k, s in enumerate(found, start=1):
             label_map[np.asarray(s.mask, dtype=bool) & (label_map == 0)] = k
         written.append(atomic_save_png(out_dir / files["mask"], label_map, palette="davis"))
     else:

@@ -437,3 +437,17 @@ def test_python_m_persam_help():
     assert result.returncode == 0
     for command in ("download", "segment", "learn", "apply"):
         assert command in result.stdout
+
+
+def test_more_objects_than_a_label_png_holds_is_refused(data, tmp_path, capsys):
+    code = run_cli(["segment", *ref_args(data), data / "targets", "--out", tmp_path / "out", "--multi",
+                    "--max-objects", "256"])
+    assert code == 2
+    assert "--max-objects: at most 255 objects" in error_line(capsys)
+    assert not (tmp_path / "out").exists()
+    from persam.run import RunOptions
+
+    with pytest.raises(ValueError, match="max_objects"):
+        RunOptions(multi=True, max_objects=300)
+    with pytest.raises(ValueError, match="overlay_format"):
+        RunOptions(overlay_format="gif")

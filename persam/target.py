@@ -18,10 +18,14 @@ TARGET_MODES = ("mean", "max", "mean_max")
 
 
 def mask_in_input_frame(mask: np.ndarray, img_size: int = 1024) -> torch.Tensor:
-    """Reference mask H x W (bool or 0/1) -> 1 x 1 x S x S in [0, 1], resized and zero-padded exactly like the image."""
-    mask_tensor = torch.from_numpy(np.asarray(mask, dtype=np.float32))[None]
-    resized = resize_longest_side(mask_tensor, img_size, round_to_uint8=False)
-    return pad_to_square(resized, img_size)[None]
+    """Reference mask H x W (bool or 0/1) -> 1 x 1 x S x S in [0, 1], resized and zero-padded exactly like the image.
+
+    The mask goes through the image's own resize as a 0/255 uint8 picture (as
+    the reference code resizes its mask with SAM's image transform).
+    """
+    levels = np.where(np.asarray(mask, dtype=bool), np.uint8(255), np.uint8(0))
+    resized = torch.from_numpy(resize_longest_side(levels, img_size)).to(torch.float32) / 255.0
+    return pad_to_square(resized[None], img_size)[None]
 
 
 def mask_on_grid(mask: np.ndarray, grid_size: int = 64, img_size: int = 1024) -> torch.Tensor:

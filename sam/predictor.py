@@ -87,10 +87,14 @@ class SamPredictor:
 
     @torch.inference_mode()
     def set_image(self, image: ArrayLike) -> torch.Tensor:
-        """Encode an RGB uint8 image H x W x 3 (numpy or tensor); returns its 1 x 256 x 64 x 64 embedding."""
-        pixels = _as_rgb_tensor(image).to(self.device)
-        resized = resize_longest_side(pixels.permute(2, 0, 1), self.model.img_size)
-        return self.set_torch_image(resized[None], tuple(pixels.shape[:2]))
+        """Encode an RGB uint8 image H x W x 3 (numpy or tensor); returns its 1 x 256 x 64 x 64 embedding.
+
+        The image is resized exactly as SAM's own `set_image` does (Pillow's
+        bilinear resize of the uint8 pixels, see sam.transforms).
+        """
+        pixels = _as_rgb_array(image)
+        resized = torch.from_numpy(resize_longest_side(pixels, self.model.img_size)).to(self.device)
+        return self.set_torch_image(resized.permute(2, 0, 1)[None], tuple(pixels.shape[:2]))
 
     @torch.inference_mode()
     def set_torch_image(self, resized_image: torch.Tensor, original_size: Tuple[int, int]) -> torch.Tensor:
@@ -224,20 +228,18 @@ class SamPredictor:
         return self.model.postprocess_masks(low_res.to(self.device), self.input_size, self.original_size)
 
 
-def _as_rgb_tensor(image: ArrayLike) -> torch.Tensor:
-    """Check and convert an H x W x 3 uint8 RGB image to a tensor."""
-    if isinstance(image, np.ndarray):
-        if not image.flags.writeable:
-            image = image.copy()
-        image = torch.from_numpy(np.ascontiguousarray(image))
-    if not isinstance(image, torch.Tensor):
+def _as_rgb_array(image: ArrayLike) -> np.ndarray:
+    """Check an H x W x 3 uint8 RGB image (numpy or tensor, any device) and return it as numpy."""
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    if not isinstance(image, np.ndarray):
         raise TypeError(f"expected a numpy array or torch tensor image, got {type(image).__name__}")
-    if image.dim() != 3 or image.shape[2] != 3:
+    if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(
             f"expected an RGB image of shape H x W x 3, got {tuple(image.shape)}; "
             "convert grayscale or RGBA images first (persam.io.load_image does)"
         )
-    if image.dtype != torch.uint8:
+    if image.dtype != np.uint8:
         raise ValueError(f"expected a uint8 image (0..255), got dtype {image.dtype}")
     if min(image.shape[:2]) < 1:
         raise ValueError(f"the image is empty: shape {tuple(image.shape)}")

@@ -2,42 +2,45 @@
 
 The one place where images and masks are resized to the input frame, where
 prompt coordinates are scaled into it, and where low-resolution logits are
-brought back to the original size. Everything here works on tensors on any
-device.
+brought back to the original size. The uint8 resize runs through Pillow on
+the CPU (it is what SAM's own preprocessing computes); everything else works
+on tensors on any device.
 """
 
 from typing import Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 
 def preprocess_shape(height: int, width: int, long_side: int = 1024) -> Tuple[int, int]:
-    """Size (h, w) of an image resized so that its longest side is `long_side`."""
-    scale = long_side / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
+    """Size (h, w) of an image resized so that its longest side is `long_side` (SAM's rounding).
 
-
-def resize_longest_side(image: torch.Tensor, long_side: int = 1024, round_to_uint8: bool = True) -> torch.Tensor:
-    """Resize C x H x W (or B x C x H x W) so the longest side is `long_side`.
-
-    Bilinear with antialiasing, one axis at a time (width first), like
-    Pillow's BILINEAR resize that SAM's ResizeLongestSide uses. With
-    `round_to_uint8` the result of each pass is rounded to integer levels as
-    Pillow does for 8-bit images (agrees with Pillow within one level); set it
-    to False for masks and other real-valued maps. Returns float32.
+    A side never shrinks below one pixel (SAM itself fails on such slivers).
     """
-    squeeze = image.dim() == 3
-    x = image[None] if squeeze else image
-    x = x.to(torch.float32)
-    height, width = x.shape[-2:]
+    scale = long_side / max(height, width)
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+
+
+def resize_longest_side(image: np.ndarray, long_side: int = 1024) -> np.ndarray:
+    """Resize a uint8 image H x W x 3 (RGB) or H x W (a mask) so its longest side is `long_side`.
+
+    This is SAM's `ResizeLongestSide.apply_image` value for value: Pillow's
+    BILINEAR resize of the uint8 image (fixed-point weights, halves rounded
+    up), which is what the official checkpoints were trained and evaluated
+    with. Returns uint8 h x w x 3 (or h x w).
+    """
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
+        raise ValueError(f"expected a uint8 H x W x 3 image or H x W mask, got {image.dtype} {image.shape}")
+    height, width = image.shape[:2]
     new_h, new_w = preprocess_shape(height, width, long_side)
-    for size in ((height, new_w), (new_h, new_w)):
-        if tuple(x.shape[-2:]) != size:
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-            if round_to_uint8:
-                x = x.round().clamp(0, 255)
-    return x[0] if squeeze else x
+    if (new_h, new_w) == (height, width):
+        return image.copy()
+    resized = Image.fromarray(np.ascontiguousarray(image)).resize((new_w, new_h), Image.Resampling.BILINEAR)
+    return np.array(resized, dtype=np.uint8)
 
 
 def pad_to_square(x: torch.Tensor, size: int = 1024) -> torch.Tensor:

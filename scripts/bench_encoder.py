@@ -202,8 +202,7 @@ def encoder_input(model, image: np.ndarray, device: torch.device) -> torch.Tenso
     """1 x 3 x S x S normalised, padded input (S = the model's input side), as SamPredictor builds it."""
     from sam.transforms import resize_longest_side
 
-    pixels = torch.tensor(image, device=device).permute(2, 0, 1)  # a copy: load_image may give a read-only array
-    resized = resize_longest_side(pixels, model.img_size)[None]
+    resized = torch.from_numpy(resize_longest_side(image, model.img_size)).to(device).permute(2, 0, 1)[None]
     return model.preprocess(resized.to(torch.float32))
 
 

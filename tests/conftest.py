@@ -25,8 +25,8 @@ def import_official_sam():
             stub = types.ModuleType("torchvision")
             transforms = types.ModuleType("torchvision.transforms")
             functional = types.ModuleType("torchvision.transforms.functional")
-            functional.resize = None
-            functional.to_pil_image = None
+            functional.resize = _torchvision_resize_pil
+            functional.to_pil_image = _torchvision_to_pil_image
             stub.transforms = transforms
             transforms.functional = functional
             ops = types.ModuleType("torchvision.ops")
@@ -43,6 +43,23 @@ def import_official_sam():
                 "torchvision.ops.boxes": boxes,
             })
     return pytest.importorskip("segment_anything")
+
+
+def _torchvision_to_pil_image(pic):
+    """torchvision's `to_pil_image` for what `ResizeLongestSide.apply_image` passes: H x W x 3 uint8."""
+    import numpy as np
+    from PIL import Image
+
+    if not isinstance(pic, np.ndarray) or pic.dtype != np.uint8 or pic.ndim != 3 or pic.shape[2] != 3:
+        raise TypeError("the test stub only converts H x W x 3 uint8 arrays")
+    return Image.fromarray(pic)  # mode RGB
+
+
+def _torchvision_resize_pil(img, size):
+    """torchvision's `resize` of a PIL image to (h, w) with its default interpolation: Pillow BILINEAR."""
+    from PIL import Image
+
+    return img.resize((int(size[1]), int(size[0])), Image.Resampling.BILINEAR)
 
 
 @pytest.fixture(scope="session")

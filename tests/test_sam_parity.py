@@ -7,6 +7,7 @@ from PIL import Image
 
 from sam.predictor import SamPredictor
 from sam.transforms import preprocess_shape, resize_longest_side
+from conftest import DAVIS, SHARED_DATA
 from sam_testing import official_sam_model, random_sam
 
 
@@ -24,17 +25,90 @@ def test_image_encoder_matches_official(official_sam, model_type):
     assert (ours_out - official_out).abs().max().item() <= 1e-4
 
 
-def test_resize_matches_pillow(perseg_dir):
-    image = np.array(Image.open(perseg_dir / "Images" / "cat" / "00.jpg").convert("RGB"))
-    for crop in [image, image[:480, :854], image[:300, :1001]]:
-        h, w = crop.shape[:2]
-        new_h, new_w = preprocess_shape(h, w, 1024)
-        expected = np.asarray(Image.fromarray(crop).resize((new_w, new_h), Image.BILINEAR), dtype=np.int32)
-        ours = resize_longest_side(torch.from_numpy(crop).permute(2, 0, 1)).permute(1, 2, 0).numpy().astype(np.int32)
-        assert ours.shape == expected.shape
-        diff = np.abs(ours - expected)
-        assert diff.max() <= 1
-        assert (diff > 0).mean() < 0.05
+def _shared_photos():
+    """Every shared photo (PerSeg, DreamBooth, DAVIS frames), one per distinct size and aspect."""
+    return sorted(p for pattern in ("**/*.jpg", "**/*.jpeg") for p in SHARED_DATA.glob(pattern))
+
+
+def _crops(image):
+    """The photo, and crops of it that make other sizes and aspect ratios (portrait, wide, odd sides)."""
+    h, w = image.shape[:2]
+    return [image, image[: max(1, h * 2 // 3), : max(1, w // 3)], image[: max(1, h // 5), :], image[:301, :1001]]
+
+
+def test_resize_equals_official_pil_path_on_every_shared_photo(official_sam):
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    photos = _shared_photos()
+    if not photos:
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    official = ResizeLongestSide(1024)
+    sizes, compared = set(), 0
+    for path in photos:
+        image = np.array(Image.open(path).convert("RGB"))
+        if image.shape in sizes:  # the same size resizes the same way: one photo per size
+            continue
+        sizes.add(image.shape)
+        for crop in _crops(image):
+            expected = official.apply_image(crop)
+            ours = resize_longest_side(crop, 1024)
+            assert ours.shape == expected.shape and ours.dtype == np.uint8, path
+            differing = int((ours != expected).sum())
+            assert differing == 0, f"{path} {crop.shape}: {differing} values differ from SAM's resize"
+            compared += 1
+    assert (480, 854, 3) in sizes and (2048, 2048, 3) in sizes and compared >= 4 * len(sizes)
+
+
+def test_reference_mask_is_resized_like_the_image(perseg_dir):
+    from persam.io import load_mask
+    from persam.target import mask_in_input_frame
+
+    mask = load_mask(perseg_dir / "Annotations" / "colorful_sneaker" / "01.png")
+    for crop in [mask, mask[:700, :1500], mask[:1900, :500]]:
+        framed = mask_in_input_frame(crop).numpy()[0, 0]
+        as_picture = np.where(crop, 255, 0).astype(np.uint8)
+        h, w = preprocess_shape(*crop.shape, 1024)
+        expected = np.asarray(Image.fromarray(as_picture).resize((w, h), Image.Resampling.BILINEAR)) / 255.0
+        assert framed.shape == (1024, 1024)
+        np.testing.assert_array_equal(framed[:h, :w], expected.astype(np.float32))
+        assert not framed[h:, :].any() and not framed[:, w:].any()
+
+
+@pytest.fixture(scope="module")
+def two_block_vit(official_sam):
+    """Ours and Meta's SAM with a two-block ViT-B encoder (one windowed, one global block) at 1024
+    input, same random weights: the full preprocessing at the real size, at a fraction of the cost."""
+    import sam.build as build
+
+    config = build.ViTConfig(768, 2, 12, (1,))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(build.VIT_CONFIGS, "vit_b", config)
+        import sam_testing
+
+        mp.setitem(sam_testing.VIT_CONFIGS, "vit_b", config)
+        ours, state = random_sam("vit_b", seed=7)
+        official = official_sam_model(official_sam, "vit_b", state)
+    return SamPredictor(ours), official_sam.SamPredictor(official)
+
+
+def test_set_image_equals_official_set_image_on_real_photos(two_block_vit, perseg_dir):
+    ours, official = two_block_vit
+    davis_frame = np.array(Image.open(DAVIS / "JPEGImages" / "480p" / "car-shadow" / "00000.jpg").convert("RGB"))
+    sneaker = np.array(Image.open(perseg_dir / "Images" / "colorful_sneaker" / "02.jpg").convert("RGB"))
+    cat = np.array(Image.open(perseg_dir / "Images" / "cat" / "00.jpg").convert("RGB"))
+    photos = {
+        "davis 854x480 (upscaled)": davis_frame,
+        "sneaker 2048x2048 (downscaled)": sneaker,
+        "sneaker portrait crop 700x1500": sneaker[:1500, :700],
+        "cat wide crop 1001x301": cat[:301, :1001],
+        "davis crop 333x479 (odd sides)": davis_frame[:479, 100:433],
+    }
+    for name, image in photos.items():
+        ours_features = ours.set_image(image)
+        official.set_image(image)
+        assert ours.input_size == tuple(official.input_size), name
+        difference = (ours_features - official.features).abs().max().item()
+        assert difference <= 1e-4, f"{name}: embeddings differ by {difference:.2e}"
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +121,7 @@ def predictors(official_sam, perseg_dir):
     ours = SamPredictor(ours_model)
     ours.set_image(image)
     official = official_sam.SamPredictor(official_model)
-    resized = resize_longest_side(torch.from_numpy(image).permute(2, 0, 1))[None]
-    official.set_torch_image(resized, image.shape[:2])
+    official.set_image(image)  # its own preprocessing: Pillow through torchvision's resize
     return ours, official, image
 
 

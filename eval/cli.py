@@ -16,9 +16,11 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from persam.cli import DEVICES, PRECISIONS, _positive_int
+from persam.cli_args import positive_int as _positive_int
+from persam.models import DEVICES
 from persam.io import InputError
 from persam.pipeline import METHODS
+from sam.predictor import PRECISIONS
 
 from .report import DEFAULT_MODEL, split_names
 
@@ -33,13 +35,20 @@ def cmd_eval_perseg(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_davis(args: argparse.Namespace) -> int:
+    from .datasets import SplitFileError
     from .run_davis import run_davis
 
-    run_davis(args.data, args.out, method=args.method, model_type=args.model or DEFAULT_MODEL,
-              checkpoint=args.checkpoint, sequences=split_names(args.sequences), max_frames=args.max_frames,
-              pred=args.pred, device=args.device, precision=args.precision, year=args.year,
-              split=None if args.split == "all" else args.split, resolution=args.resolution,
-              use_previous_box=not args.no_previous_box, progress=not args.quiet)
+    try:
+        run_davis(args.data, args.out, method=args.method, model_type=args.model or DEFAULT_MODEL,
+                  checkpoint=args.checkpoint, sequences=split_names(args.sequences), max_frames=args.max_frames,
+                  pred=args.pred, device=args.device, precision=args.precision, year=args.year,
+                  split=None if args.split == "all" else args.split, resolution=args.resolution,
+                  use_previous_box=not args.no_previous_box, progress=not args.quiet)
+    except SplitFileError as exc:  # the library names its argument; say it in flags here
+        raise InputError(
+            f"--split {exc.split} --year {exc.year}: DAVIS split file {exc.split_file} not found; "
+            f"pass --split all for every sequence folder, or another --split / --year"
+        ) from None
     return 0
 
 

@@ -36,6 +36,17 @@ class DatasetError(InputError):
     """A dataset whose layout is broken: missing folders, missing or extra files."""
 
 
+class SplitFileError(DatasetError):
+    """The DAVIS ImageSets split file is missing (``.split_file``, ``.split``, ``.year``)."""
+
+    def __init__(self, split_file: Path, split: str, year: str):
+        super().__init__(
+            f"DAVIS split file not found: {split_file} (no split {split!r} for year {year}; "
+            f"split=None takes every sequence folder)"
+        )
+        self.split_file, self.split, self.year = split_file, split, year
+
+
 def natural_key(name: str) -> List[Union[int, str]]:
     """Sort key that orders embedded numbers numerically ("2" before "10")."""
     return [int(tok) if tok.isdigit() else tok.lower() for tok in re.split(r"(\d+)", name)]
@@ -209,7 +220,7 @@ class DavisDataset:
         else:
             split_file = root / "ImageSets" / str(year) / f"{split}.txt"
             if not split_file.is_file():
-                raise DatasetError(f"DAVIS split file not found: {split_file} (pass split=None for every sequence)")
+                raise SplitFileError(split_file, str(split), str(year))
             names = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
         self._setup(images_root, masks_root, names, strict, form="2017")
 

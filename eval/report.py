@@ -20,13 +20,22 @@ DEFAULT_MODEL = "vit_h"
 
 def load_predictor(model_type: str, checkpoint: Optional[str], device: str = "cpu", precision: str = "fp32"):
     """A SamPredictor for `model_type` with `checkpoint` (default: the cached download; never downloads)."""
-    from persam.cli import build_predictor, resolve_checkpoint
+    from persam.models import build_predictor, resolve_checkpoint
     from sam.download import MODELS
 
     if model_type not in MODELS:
         raise InputError(f"unknown model {model_type!r}: one of {', '.join(sorted(MODELS))}")
     path = resolve_checkpoint(model_type, checkpoint)
     return build_predictor(model_type, path, device, precision), path
+
+
+def check_prediction_size(pred: np.ndarray, pred_path: Path, gt_shape: Tuple[int, int], gt_path: Path) -> None:
+    """InputError when a predicted mask / label map is not the size of its ground truth."""
+    h, w = int(gt_shape[0]), int(gt_shape[1])
+    if tuple(pred.shape[:2]) != (h, w):
+        raise InputError(
+            f"prediction {pred_path} is {pred.shape[1]}x{pred.shape[0]} but its ground truth {gt_path} is {w}x{h}"
+        )
 
 
 def predictions_to_score(

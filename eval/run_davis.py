@@ -17,13 +17,15 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, TextIO
 
+import numpy as np
 from tqdm import tqdm
 
 from persam.io import InputError, atomic_save_png, load_image, load_label_map
 
 from .datasets import DavisDataset
 from .metrics import davis_sequence_scores, davis_summary
-from .report import bar_chart, format_table, predictions_to_score, timing_summary, write_csv, write_json
+from .report import (bar_chart, check_prediction_size, format_table, predictions_to_score, timing_summary, write_csv,
+                     write_json)
 
 __all__ = ["run_davis", "predict_davis", "score_davis"]
 
@@ -60,6 +62,19 @@ def predict_davis(predictor, dataset: DavisDataset, sequences: Sequence[str], pr
             "skipped_sequences": skipped}
 
 
+def _check_object_ids(labels, path: Path, object_ids: Sequence[int], seq: str, first_gt: Path) -> None:
+    """InputError for a predicted object id that the ground truth does not have (the official
+    DAVIS evaluation refuses such files too)."""
+    extra = sorted(set(int(i) for i in np.unique(labels)) - {0} - set(object_ids))
+    if extra:
+        ids = ", ".join(str(i) for i in object_ids) or "none"
+        raise InputError(
+            f"prediction {path} has object id {extra[0]}{' (and ' + str(len(extra) - 1) + ' more)' if len(extra) > 1 else ''}"
+            f" that is not in the ground truth of sequence {seq} (ids {ids} in {first_gt}); "
+            f"use the first frame's ids, 0 for background"
+        )
+
+
 def score_davis(dataset: DavisDataset, sequences: Sequence[str], pred_dir: Path,
                 max_frames: Optional[int] = None) -> Dict[str, object]:
     """Per-sequence (and per-object) J / F scores and the dataset summary."""
@@ -72,9 +87,17 @@ def score_davis(dataset: DavisDataset, sequences: Sequence[str], pred_dir: Path,
             more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
             raise InputError(f"sequence {seq}: missing results {', '.join(missing[:5])}{more}")
         gt = [load_label_map(mask) if mask is not None else None for _, _, mask in frames]
-        shape = gt[0].shape
-        pred = [load_label_map(pred_dir / seq / f"{name}.png", shape) for name, _, _ in frames]
-        per_sequence[seq] = davis_sequence_scores(gt, pred, dataset.object_ids(seq))
+        first_gt = frames[0][2]
+        object_ids = dataset.object_ids(seq)
+        pred = []
+        for (name, _, mask), truth in zip(frames, gt):
+            path = pred_dir / seq / f"{name}.png"
+            labels = load_label_map(path)
+            check_prediction_size(labels, path, (truth if truth is not None else gt[0]).shape,
+                                  mask if truth is not None else first_gt)
+            _check_object_ids(labels, path, object_ids, seq, first_gt)
+            pred.append(labels)
+        per_sequence[seq] = davis_sequence_scores(gt, pred, object_ids)
     return {"sequences": per_sequence, "summary": davis_summary(per_sequence.values())}
 
 

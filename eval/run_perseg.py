@@ -23,7 +23,8 @@ from persam.io import InputError, atomic_save_png, load_image, load_mask
 
 from .datasets import PerSegDataset
 from .metrics import boundary_iou, class_scores, iou, miou
-from .report import bar_chart, format_table, predictions_to_score, timing_summary, write_csv, write_json
+from .report import (bar_chart, check_prediction_size, format_table, predictions_to_score, timing_summary, write_csv,
+                     write_json)
 
 __all__ = ["run_perseg", "predict_perseg", "score_perseg"]
 
@@ -83,7 +84,9 @@ def score_perseg(dataset: PerSegDataset, classes: Sequence[str], pred_dir: Path)
         pairs = []
         for name, _, gt_path in dataset.test_pairs(c):
             gt = load_mask(gt_path)
-            pred = load_mask(pred_dir / c / f"{name}.png", gt.shape)
+            pred_path = pred_dir / c / f"{name}.png"
+            pred = load_mask(pred_path)
+            check_prediction_size(pred, pred_path, gt.shape, gt_path)
             pairs.append((pred, gt))
         per_class[c] = class_scores(pairs)
         per_image[c] = {name: {"iou": iou(p, g), "biou": boundary_iou(p, g)}

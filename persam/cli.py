@@ -10,12 +10,22 @@ Each subcommand is a ``cmd_NAME(args) -> int`` function registered in :func:`bui
 (``subparser.set_defaults(func=cmd_NAME)``).  Expected failures raise ordinary exceptions
 (``CheckpointError``, ``DownloadError``, ``ValueError``, ``OSError``); :func:`main` turns them
 into one ``persam: error: ...`` line on stderr and exit code 2.
+
+Exit codes (also in ``persam --help``; see :data:`EXIT_CODES`):
+
+    0    success: every target image was segmented (or was already done)
+    1    the run finished, but some target images failed (unreadable, or an error while
+         segmenting them); each is listed with its error in OUT/results.json
+    2    bad input: a wrong argument, or a missing or unusable file, checkpoint or concept;
+         nothing was run, and one ``persam: error:`` line says why
+    130  interrupted (Ctrl-C); the outputs written so far are complete and a re-run resumes
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from typing import Optional, Sequence
 
 from pathlib import Path
@@ -23,19 +33,24 @@ from pathlib import Path
 from sam.download import MODELS, DownloadError, download_checkpoint
 from sam.predictor import PRECISIONS
 
+from .cli_args import Parser as _Parser
+from .cli_args import UsageError as _UsageError
+from .cli_args import box as _box
+from .cli_args import numbers as _numbers
+from .cli_args import point as _point
+from .cli_args import positive_int as _positive_int
+from .cli_args import similarity as _similarity
 from .io import InputError
+from .models import DEFAULT_MODEL, DEVICES, build_predictor, resolve_checkpoint
 
 PROG = "persam"
 EXIT_ERROR = 2
-
-
-class _UsageError(Exception):
-    """Raised by the parser instead of exiting, so that main() returns the exit code."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # noqa: D401 - argparse API
-        raise _UsageError(self, message)
+EXIT_CODES = """\
+exit codes:
+  0    success: every target image was segmented (or was already done)
+  1    the run finished, but some target images failed (listed in OUT/results.json)
+  2    bad input: a wrong argument, or a missing or unusable file, checkpoint or concept
+  130  interrupted (Ctrl-C); the outputs written so far are kept and a re-run resumes"""
 
 
 def _error(message: str) -> int:
@@ -65,44 +80,29 @@ def cmd_download(args: argparse.Namespace) -> int:
     return status
 
 
+def _manual_download_help() -> str:
+    """`persam download --help` epilog: where a checkpoint downloaded by hand must go."""
+    from sam.download import default_cache_dir
+
+    cache = default_cache_dir()
+    lines = [
+        "without network access to the host:",
+        f"  download the file by hand and save it in the cache folder, now {cache}",
+        "  ($PERSAM_CACHE when set, else ~/.cache/persam), under this name:",
+    ]
+    width = max(len(name) for name in MODELS)
+    for name in sorted(MODELS):
+        entry = MODELS[name]
+        lines.append(f"    {name:<{width}}  {cache / entry.filename}  from {entry.url}")
+    lines.append("  `persam download MODEL` then checks it (sha256); or pass the file anywhere with")
+    lines.append("  --checkpoint FILE to segment / learn / apply / eval")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------
 # shared by segment / learn / apply
 
-DEVICES = ("cpu", "cuda", "mps")
-DEFAULT_MODEL = "vit_t"  # fast on CPU; vit_h is the paper's model
 REFERENCE_MASK_FILE = "reference_mask.png"
-
-
-def _numbers(text: str, count: int, what: str) -> tuple:
-    parts = [p.strip() for p in text.split(",")]
-    try:
-        values = tuple(float(p) for p in parts)
-    except ValueError:
-        values = ()
-    if len(values) != count or not all(v == v and abs(v) != float("inf") for v in values):
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-    return values
-
-
-def _point(text: str) -> tuple:
-    return _numbers(text, 2, "X,Y (pixels)")
-
-
-def _box(text: str) -> tuple:
-    box = _numbers(text, 4, "X0,Y0,X1,Y1 (pixels)")
-    if box[2] <= box[0] or box[3] <= box[1]:
-        raise argparse.ArgumentTypeError(f"box {text!r} is empty: X1 must exceed X0 and Y1 must exceed Y0")
-    return box
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def _object_count(text: str) -> int:
@@ -118,45 +118,18 @@ def _check_output_folder(folder: Path) -> None:
     """Create `folder` and make sure files can be written into it (before any slow work)."""
     import tempfile
 
+    for part in (folder, *folder.parents):  # the folder, or one on its way, may be a file
+        if part.exists():
+            if not part.is_dir():
+                where = f"--out {folder}" if part == folder else f"--out {folder}: {part}"
+                raise InputError(f"{where} is a file, not a folder")
+            break
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".persam-write-test-"):
             pass
     except OSError as exc:
         raise InputError(f"output folder {folder} is not writable ({exc.strerror or exc})") from None
-
-
-def resolve_checkpoint(model_type: str, checkpoint: Optional[str]) -> Path:
-    """`checkpoint` when given, else the cached download of the model; never downloads."""
-    if checkpoint:
-        path = Path(checkpoint).expanduser()
-        if not path.exists():
-            raise InputError(f"checkpoint {path}: file not found")
-        return path
-    from sam.download import default_cache_dir
-
-    path = default_cache_dir() / MODELS[model_type].filename
-    if not path.is_file():
-        raise InputError(
-            f"no checkpoint for {model_type}: {path} not found; run `persam download {model_type}` "
-            f"or pass --checkpoint PATH"
-        )
-    return path
-
-
-def build_predictor(model_type: str, checkpoint: Path, device: str, precision: str):
-    """The SamPredictor for the command-line options, after checking that the device exists."""
-    import torch
-
-    from sam.build import build_sam
-    from sam.predictor import SamPredictor
-
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA GPU is available (use --device cpu)")
-    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise InputError("--device mps: Apple MPS is not available (use --device cpu)")
-    model = build_sam(model_type, checkpoint, device=device)
-    return SamPredictor(model, precision=precision)
 
 
 def _read_references(args: argparse.Namespace):
@@ -188,7 +161,7 @@ def _read_references(args: argparse.Namespace):
             image = image.copy()
         mask = None
         if masks:
-            mask = check_reference_mask(load_mask(masks[i], image.shape), masks[i])
+            mask = check_reference_mask(load_mask(masks[i], image.shape, image_path=image_path), masks[i])
         else:
             h, w = image.shape[:2]
             coords = list(args.ref_point or []) + (
@@ -229,9 +202,14 @@ def _learn(args: argparse.Namespace, predictor, refs, mask_out: Path):
     return learn_concept(predictor, pairs, method=method, finetune=settings, encoded=encoded)
 
 
-def _run_targets(args: argparse.Namespace, predictor_factory, concept_factory, info) -> int:
-    """Plan the targets, build the model only when something is left to do, run the batch."""
-    from .run import RunOptions, expand_targets, plan_targets, run_batch
+def _run_targets(args: argparse.Namespace, predictor_factory, concept_factory, info, made_with,
+                 references=(), writes=()) -> int:
+    """Lock --out, plan the targets (refusing to replace the user's files or to mix results made
+    with other settings: see persam.run), build the model only when something is left to do, run.
+
+    `made_with` describes what makes the masks (the run's key), `references` are the reference
+    images (skipped as targets) and `writes` the files the concept factory writes into --out."""
+    from .run import OutputFolder, RunOptions, expand_targets
 
     out_dir = Path(args.out)
     paths, warnings = expand_targets(args.targets)
@@ -248,17 +226,28 @@ def _run_targets(args: argparse.Namespace, predictor_factory, concept_factory, i
         overlay_format=args.overlay_format,
         progress=False if args.quiet else None,
         info=info,
+        made_with=made_with,
+        reference_images=references,
+        extra_outputs=writes,
     )
-    targets = plan_targets(paths, out_dir, options)
-    pending = [t for t in targets if not t.done]
-    if not pending:
-        print(f"all {len(targets)} image(s) already done in {out_dir} (use --overwrite to redo them)", file=sys.stderr)
-        return 0
-    if len(pending) < len(targets):
-        print(f"skipping {len(targets) - len(pending)} image(s) already done in {out_dir}", file=sys.stderr)
-    predictor = predictor_factory()
-    concept = concept_factory(predictor)
-    data = run_batch(predictor, concept, targets, out_dir, options)
+    with OutputFolder(out_dir, options) as folder:
+        targets = folder.plan(paths)
+        for t in targets:
+            if t.skip_reason:
+                print(f"{PROG}: note: skipping {t.path}: it is the {t.skip_reason}", file=sys.stderr)
+        pending = [t for t in targets if t.pending]
+        done = sum(t.done for t in targets)
+        if not pending:
+            folder.run(None, None, targets)  # records the skipped ones
+            print(f"all {done} image(s) already done in {out_dir} (use --overwrite to redo them)" if done
+                  else "nothing to segment: every target is the reference image", file=sys.stderr)
+            return 0
+        if done:
+            print(f"skipping {done} image(s) already done in {out_dir}", file=sys.stderr)
+        predictor = predictor_factory()
+        folder.claim(targets)  # lists the outputs in results.json before any is written
+        concept = concept_factory(predictor)
+        data = folder.run(predictor, concept, targets)
     summary = data["summary"]
     print(
         f"{summary['segmented']} segmented, {summary['skipped']} skipped, {summary['errors']} failed, "
@@ -278,6 +267,8 @@ def _model_info(model_type: str, checkpoint: Path) -> dict:
 
 def cmd_segment(args: argparse.Namespace) -> int:
     """``persam segment``: learn the concept from the reference and segment the targets."""
+    from .run import file_sha256
+
     model_type = args.model or DEFAULT_MODEL
     refs = _read_references(args)
     out_dir = Path(args.out)
@@ -295,7 +286,17 @@ def cmd_segment(args: argparse.Namespace) -> int:
     info = _model_info(model_type, checkpoint)
     info["reference"] = {"images": [str(p) for p, _, _ in refs], "masks": args.ref_mask or None,
                          "points": args.ref_point or None, "box": list(args.ref_box) if args.ref_box else None}
-    return _run_targets(args, predictor_factory, concept_factory, info)
+    made_with = {  # what makes the masks, by content: the run's key in results.json
+        "method": "persam_f" if args.finetune else "persam",
+        "finetune": {"steps": args.steps, "resolution": args.finetune_resolution} if args.finetune else None,
+        "reference_images": [file_sha256(p) for p, _, _ in refs],
+        "reference_masks": [file_sha256(m) for m in args.ref_mask] if args.ref_mask else None,
+        "reference_points": [list(p) for p in args.ref_point] if args.ref_point else None,
+        "reference_box": list(args.ref_box) if args.ref_box else None,
+        "model_type": model_type, "checkpoint_sha256": file_sha256(checkpoint), "precision": args.precision,
+    }
+    writes = () if args.ref_mask else (REFERENCE_MASK_FILE,)
+    return _run_targets(args, predictor_factory, concept_factory, info, made_with, [p for p, _, _ in refs], writes)
 
 
 def cmd_learn(args: argparse.Namespace) -> int:
@@ -320,20 +321,23 @@ def cmd_learn(args: argparse.Namespace) -> int:
 
 def cmd_apply(args: argparse.Namespace) -> int:
     """``persam apply``: find a saved concept in the targets."""
-    from sam.download import sha256_file
-
     from .concept import load_concept
+    from .run import file_sha256
 
     concept = load_concept(args.concept)  # checks the file before any slow work
     model_type = args.model or concept.model_type or DEFAULT_MODEL
     out_dir = Path(args.out)
     _check_output_folder(out_dir)
     checkpoint = resolve_checkpoint(model_type, args.checkpoint)
-    concept = load_concept(args.concept, model_type=model_type, checkpoint_sha256=sha256_file(checkpoint))
+    checkpoint_sha256 = file_sha256(checkpoint)  # read once, for the check and the run's key
+    concept = load_concept(args.concept, model_type=model_type, checkpoint_sha256=checkpoint_sha256)
     info = _model_info(model_type, checkpoint)
     info["concept"] = str(args.concept)
+    made_with = {"method": concept.method, "concept_sha256": file_sha256(args.concept), "model_type": model_type,
+                 "checkpoint_sha256": checkpoint_sha256, "precision": args.precision}
     return _run_targets(
-        args, lambda: build_predictor(model_type, checkpoint, args.device, args.precision), lambda predictor: concept, info
+        args, lambda: build_predictor(model_type, checkpoint, args.device, args.precision), lambda predictor: concept,
+        info, made_with,
     )
 
 
@@ -345,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         description="Personalized one-shot segmentation (PerSAM, PerSAM-F) on Segment Anything.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
@@ -353,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="download and verify a model checkpoint",
         description="Download a checkpoint into the cache (resuming a partial download) and "
         "print its path.  The cache is $PERSAM_CACHE, else ~/.cache/persam.",
+        epilog=_manual_download_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "model",
@@ -402,8 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--multi", action="store_true", help="find several objects of the concept per image")
         q.add_argument("--max-objects", type=_object_count, default=5, metavar="N",
                        help="with --multi: at most N objects per image (default 5, at most 255)")
-        q.add_argument("--min-similarity", type=float, default=None, metavar="S",
-                       help="report no object where the peak target similarity is below S")
+        q.add_argument("--min-similarity", type=_similarity, default=None, metavar="S",
+                       help="report no object where the peak target similarity (a cosine, -1 to 1) is below S")
         q.add_argument("--save-similarity", action="store_true", help="also write NAME_similarity.png heat maps")
         q.add_argument("--overlay-format", choices=("jpg", "png"), default="jpg", help="default jpg")
         q.add_argument("--overwrite", action="store_true", help="redo images whose outputs exist (default: skip them)")
@@ -448,6 +456,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_precision(args: argparse.Namespace) -> bool:
+    """Refuse or warn about --precision for --device in flag terms; True when bf16 is emulated."""
+    precision, device = getattr(args, "precision", None), getattr(args, "device", None)
+    if precision == "fp16" and device == "cpu":
+        raise InputError("--precision fp16 is not supported with --device cpu; use --precision bf16 or fp32")
+    if precision == "bf16" and device == "cpu":
+        from sam import predictor
+
+        if not predictor.cpu_has_native_bf16():
+            print(
+                f"{PROG}: warning: --precision bf16: this CPU has no native bf16 (AVX512-BF16 or AMX), so bf16 "
+                f"is emulated and runs several times slower than fp32 here; use --precision fp32",
+                file=sys.stderr,
+            )
+            return True
+    return False
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     try:
@@ -462,7 +488,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_ERROR
     try:
-        return int(func(args) or 0)
+        with warnings.catch_warnings():
+            if _check_precision(args):  # said in CLI terms: the library's own warning is not shown
+                warnings.filterwarnings("ignore", message=r".*no native bf16", category=RuntimeWarning)
+            return int(func(args) or 0)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -38,7 +38,8 @@ def save_concept(
     model_type: Optional[str] = None,
     checkpoint_sha256: Optional[str] = None,
 ) -> Path:
-    """Write `concept` to `path` atomically (temp file in the same folder, then rename).
+    """Write `concept` to `path` atomically (temp file in the same folder, then rename), with the
+    permissions of any new file (0644 under umask 022).
 
     `model_type` / `checkpoint_sha256`, when given, are recorded in place of
     the concept's own (which `learn_concept` leaves unset). Returns the path.
@@ -91,11 +92,15 @@ def load_concept(
         data = p.read_bytes()
     except OSError as exc:
         raise InputError(f"concept {p}: cannot read ({exc.strerror or exc})") from None
+    if not data:
+        raise InputError(f"concept {p}: the file is empty (truncated or not a concept file)")
     try:
         record = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, pickle garbage, disallowed globals...
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"concept {p}: not a readable concept file (corrupt or wrong format: {reason})") from None
+    except Exception:  # truncated zip, pickle garbage, disallowed globals: torch's text is no help
+        raise InputError(
+            f"concept {p}: truncated or not a concept file ({len(data)} bytes that torch.load cannot read); "
+            f"write it again with `persam learn`"
+        ) from None
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise InputError(f"concept {p}: not a concept file (no '{FORMAT}' record)")
     version = record.get("version")

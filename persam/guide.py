@@ -29,7 +29,7 @@ def attention_similarity(
     On square images this equals the reference's direct resize to the grid.
     """
     height, width = similarity.shape
-    z = (similarity - similarity.mean()) / similarity.std()
+    z = _z_score(similarity)
     cell = img_size / grid_size
     centres = (torch.arange(grid_size, dtype=torch.float32, device=z.device) + 0.5) * cell  # input-frame pixels
     xs = centres * (width / input_size[1])  # original pixels
@@ -40,6 +40,16 @@ def attention_similarity(
     inside = (ys[:, None] < height) & (xs[None, :] < width)
     sampled = torch.where(inside, sampled, z.min())
     return torch.sigmoid(sampled).flatten()
+
+
+def _z_score(similarity: torch.Tensor) -> torch.Tensor:
+    """(x - mean) / std of the map; all zeros (no guidance) where that is undefined: a constant
+    map, or a one-pixel image (whose std is NaN, with a torch warning)."""
+    if similarity.numel() < 2:
+        return torch.zeros_like(similarity)
+    std = similarity.std()
+    centred = similarity - similarity.mean()
+    return torch.where(std > 0, centred / std, torch.zeros_like(centred))  # no host sync
 
 
 def guided_prediction(

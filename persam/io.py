@@ -6,9 +6,10 @@ message is one line naming the file and what is wrong with it.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Optional, Sequence, Tuple, Union
 
@@ -126,14 +127,18 @@ def _shape_hw(shape: Sequence[int]) -> Tuple[int, int]:
     return int(shape[0]), int(shape[1])
 
 
-def load_mask(path: PathLike, shape: Optional[Sequence[int]] = None) -> np.ndarray:
+def load_mask(
+    path: PathLike, shape: Optional[Sequence[int]] = None, image_path: Optional[PathLike] = None
+) -> np.ndarray:
     """Load a binary mask as an H x W bool array.
 
     Foreground is: palette index > 0; any non-black pixel for RGB; value > 0 for
     grayscale (0/255 or 0/1) and 16-bit; for RGBA / LA the alpha channel when the
     colour is uniform, else the non-black colour where alpha > 0. Lossy JPEG masks
     are thresholded at half range instead of > 0.
-    ``shape`` (the image's H x W[ x C]) is checked against the mask size.
+    ``shape`` (the image's H x W[ x C]) is checked against the mask size; with
+    ``image_path`` (the image file of ``shape``) the message names the image and says when
+    the mask fits the image only before its EXIF orientation is applied.
     """
     p = Path(path)
     img, fmt = _open(p, "mask")
@@ -158,7 +163,7 @@ def load_mask(path: PathLike, shape: Optional[Sequence[int]] = None) -> np.ndarr
         if arr.ndim == 2:
             arr = arr[:, :, None]
         mask = _nonblack(arr, lossy)
-    _check_size(mask, shape, f"mask {p}")
+    _check_size(mask, shape, f"mask {p}", image_path)
     return np.ascontiguousarray(mask)
 
 
@@ -199,13 +204,40 @@ def load_label_map(path: PathLike, shape: Optional[Sequence[int]] = None) -> np.
     return np.ascontiguousarray(labels)
 
 
-def _check_size(array: np.ndarray, shape, what: str) -> None:
+# EXIF orientations that swap width and height (transpose, rotate 90 / 270, transverse)
+_SWAPPING_ORIENTATIONS = {5: "transpose", 6: "rotate 90", 7: "transverse", 8: "rotate 270"}
+
+
+def exif_orientation(path: PathLike) -> int:
+    """The EXIF orientation tag (1..8) of an image file; 1 (none) when absent or unreadable."""
+    try:
+        with Image.open(path) as img:
+            value = img.getexif().get(0x0112, 1)
+        return int(value) if int(value) in range(1, 9) else 1
+    except Exception:
+        return 1
+
+
+def _check_size(array: np.ndarray, shape, what: str, image_path: Optional[PathLike] = None) -> None:
     """InputError when a mask-like H x W array is not the size of its image (`shape`, when given)."""
     if shape is None:
         return
     h, w = _shape_hw(shape)
-    if array.shape != (h, w):
-        raise InputError(f"{what} is {array.shape[1]}x{array.shape[0]} but its image is {w}x{h}")
+    if array.shape == (h, w):
+        return
+    size = f"{what} is {array.shape[1]}x{array.shape[0]}"
+    if image_path is None:
+        raise InputError(f"{size} but its image is {w}x{h}")
+    image = Path(image_path)
+    orientation = exif_orientation(image)
+    if array.shape == (w, h) and orientation in _SWAPPING_ORIENTATIONS:
+        raise InputError(
+            f"{size} but its image {image} is {w}x{h}: the image has an EXIF orientation "
+            f"({orientation}, {_SWAPPING_ORIENTATIONS[orientation]}) that is applied when it is loaded, and the "
+            f"mask matches the un-rotated pixels; draw the mask on the rotated image (or save the image "
+            f"without the EXIF orientation)"
+        )
+    raise InputError(f"{size} but its image {image} is {w}x{h}")
 
 
 def _only_values(arr: np.ndarray, values: Sequence[int]) -> bool:
@@ -262,7 +294,8 @@ def davis_palette() -> np.ndarray:
 def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (temp file in the same folder, then rename).
 
-    Missing parent folders are created. Returns the path written.
+    The file gets the permissions of any new file (0666 less the umask: 0644 under umask 022;
+    see :func:`_new_temp_file`). Missing parent folders are created. Returns the path written.
     """
     p = Path(path)
     folder = p.parent if str(p.parent) else Path(".")
@@ -274,7 +307,7 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
         raise InputError(f"cannot create output folder {folder} ({_reason(exc)})") from None
     tmp_name = None
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=folder)
+        fd, tmp_name = _new_temp_file(folder, p.name)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -290,6 +323,23 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
             except OSError:
                 pass
     return p
+
+
+def _new_temp_file(folder: Path, name: str) -> Tuple[int, str]:
+    """Create ``folder/.NAME.RANDOM.tmp`` for writing; its file descriptor and path.
+
+    Opened with mode 0666 so that the kernel applies the umask (and a default ACL) exactly as
+    for any file a program creates: no need to read the process-wide umask, which can only be
+    read by changing it (racy with other threads). ``tempfile.mkstemp`` would make it 0600.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp_name = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp_name, flags, 0o666), tmp_name
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, f"no free temporary file name in {folder}")
 
 
 def _reason(exc: OSError) -> str:

@@ -9,19 +9,44 @@ output folder go, each written atomically:
     <name>_similarity.png   the target-similarity heat map (with ``save_similarity``)
     results.json            one record per image, rewritten after every image
 
-An image whose outputs all exist already is skipped (resume) unless ``overwrite``.  An image
-that cannot be loaded is reported and recorded as an error; the run goes on.
+The output folder is shared with the user and with later runs; :class:`OutputFolder` keeps
+four promises about it:
+
+* **Nothing of the user's is replaced.**  results.json lists (``files``) every file persam
+  wrote into the folder.  A file the run would write that exists but is not listed is
+  refused, and so is a target image inside the folder.  A file is listed *before* it is
+  written (results.json is rewritten first), so a run killed in between leaves only listed
+  files behind, and the next run may replace them.
+* **Results are never mixed.**  Every record carries the key of what made its mask
+  (:func:`settings_key`: the reference or concept by content, the method and its settings,
+  the model and the checkpoint's sha256).  An image is skipped as done only when its record
+  has the run's key, the same image content and all its outputs; an image done with another
+  key is refused unless ``overwrite`` (which redoes it).  Records of images outside the run
+  that were made with other settings are kept and named in the header (``other_keys``).
+* **One run at a time.**  The folder is locked for the whole run (:func:`output_lock`).
+* **Outputs never collide.**  Output names are chosen so that no two outputs of the run are
+  the same file, and none is results.json or reference_mask.png (:func:`plan_targets`).
+
+A target that is the reference image (same file or same content) is skipped and recorded as
+such.  An image that cannot be loaded is reported and recorded as an error; the run goes on.
+results.json is strict JSON (no NaN or Infinity).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
 import glob
+import hashlib
 import json
+import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 from tqdm import tqdm
@@ -29,21 +54,38 @@ from tqdm import tqdm
 from .io import InputError, atomic_save_png, atomic_write_bytes, atomic_write_text, load_image
 from .pipeline import Concept, Segmentation, segment
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX (Windows): no folder lock
+    fcntl = None
+
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "LOCK_FILE",
+    "REFERENCE_MASK_FILE",
     "RESULTS_FILE",
+    "OutputFolder",
     "RunOptions",
     "Target",
     "expand_targets",
+    "file_sha256",
+    "output_lock",
     "plan_targets",
     "run_batch",
+    "settings_key",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 RESULTS_FILE = "results.json"
-RESULTS_VERSION = 1
+RESULTS_FORMAT = "persam-results"
+RESULTS_VERSION = 2  # 2: format, key, made_with, other_keys, files; records with key and image_sha256
+REFERENCE_MASK_FILE = "reference_mask.png"  # written by `persam segment` from clicks or a box
+LOCK_FILE = ".persam.lock"
+UNRECORDED_KEY = "unrecorded"  # the key of records from a results.json written before keys existed
+REFERENCE_IMAGE = "reference image"  # the skip reason of a target that is the reference image
 MAX_LABELS = 255  # objects one 8-bit label PNG can hold (0 is background)
 _GLOB_CHARS = set("*?[")
+_OUTPUT_SUFFIXES = ("_overlay", "_similarity")  # a stem ending so could be another image's output
 
 
 @dataclass
@@ -56,6 +98,11 @@ class RunOptions:
     overlay_format: str = "jpg"  # "jpg" or "png"
     progress: Optional[bool] = None  # None: a progress bar only on a terminal
     info: Dict[str, object] = field(default_factory=dict)  # run settings recorded in results.json
+    # What makes the masks besides the options above (the reference or concept by content, the
+    # method and its settings, model type, checkpoint sha256, precision): part of the run's key.
+    made_with: Dict[str, object] = field(default_factory=dict)
+    reference_images: Sequence[Path] = ()  # a target that is one of these (file or content) is skipped
+    extra_outputs: Sequence[str] = ()  # files the caller writes into the folder during the run
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_objects <= MAX_LABELS:
@@ -69,7 +116,14 @@ class RunOptions:
 class Target:
     path: Path
     name: str  # output file stem, unique within the run
-    done: bool = False  # all outputs exist already
+    done: bool = False  # segmented by an earlier run with the same key; all outputs exist
+    sha256: Optional[str] = None  # of the image file; None when it cannot be read
+    skip_reason: Optional[str] = None  # why it is not segmented (the reference image)
+
+    @property
+    def pending(self) -> bool:
+        """To be segmented in this run."""
+        return not self.done and self.skip_reason is None
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,23 +169,6 @@ def expand_targets(specs: Sequence[str]) -> Tuple[List[Path], List[str]]:
     return paths, warnings
 
 
-def _unique_names(paths: Sequence[Path]) -> List[str]:
-    """Output stems: the file stem, or parent_stem (then a counter) where stems collide."""
-    stems = [p.stem for p in paths]
-    counts: Dict[str, int] = {}
-    for s in stems:
-        counts[s] = counts.get(s, 0) + 1
-    names, used = [], set()
-    for p, s in zip(paths, stems):
-        name = s if counts[s] == 1 else f"{p.parent.name}_{s}" if p.parent.name else s
-        base, k = name, 2
-        while name in used:
-            name, k = f"{base}_{k}", k + 1
-        used.add(name)
-        names.append(name)
-    return names
-
-
 def output_files(name: str, options: RunOptions) -> Dict[str, str]:
     files = {"mask": f"{name}.png", "overlay": f"{name}_overlay.{options.overlay_format}"}
     if options.save_similarity:
@@ -139,15 +176,477 @@ def output_files(name: str, options: RunOptions) -> Dict[str, str]:
     return files
 
 
-def plan_targets(paths: Sequence[Path], out_dir: Path, options: RunOptions) -> List[Target]:
-    """Targets with their output names, marked done when all their outputs exist (and not overwrite)."""
-    targets = []
-    for path, name in zip(paths, _unique_names(paths)):
-        done = not options.overwrite and all(
-            (out_dir / f).is_file() for f in output_files(name, options).values()
+def _reserved_files(options: RunOptions) -> Set[str]:
+    """Files of the run that no image's output may be (case-folded)."""
+    return {f.casefold() for f in (RESULTS_FILE, REFERENCE_MASK_FILE, LOCK_FILE, *options.extra_outputs)}
+
+
+def _safe_stem(stem: str, reserved: Set[str]) -> str:
+    """`stem`, or `stem`_image where its outputs could be another file of the run.
+
+    Outputs are NAME.png, NAME_overlay.EXT and NAME_similarity.png, so two different names
+    only share an output file when one ends in _overlay or _similarity (x_overlay.png is both
+    x_overlay's mask and x's PNG overlay); such a stem, and one whose outputs would be a
+    reserved file (reference_mask.png, results.json), gets the suffix _image.  Case is
+    ignored (case-insensitive file systems)."""
+    folded = stem.casefold()
+    possible = {f"{folded}.png", f"{folded}_overlay.jpg", f"{folded}_overlay.png", f"{folded}_similarity.png"}
+    if folded.endswith(_OUTPUT_SUFFIXES) or possible & reserved:
+        return f"{stem}_image"
+    return stem
+
+
+def _unique_names(
+    paths: Sequence[Path],
+    reserved: Set[str] = frozenset(),
+    available: Callable[[str, int], bool] = lambda name, index: True,
+) -> List[str]:
+    """Output stems: the file stem, or parent_stem where stems collide, made safe (:func:`_safe_stem`),
+    then a counter where a name is used already or not `available` for the path at that index."""
+    stems = [_safe_stem(p.stem, reserved) for p in paths]
+    counts: Dict[str, int] = {}
+    for s in stems:
+        counts[s.casefold()] = counts.get(s.casefold(), 0) + 1
+    names, used = [], set()
+    for index, (p, s) in enumerate(zip(paths, stems)):
+        name = s if counts[s.casefold()] == 1 or not p.parent.name else _safe_stem(f"{p.parent.name}_{p.stem}", reserved)
+        base, k = name, 2
+        while name.casefold() in used or not available(name, index):
+            name, k = f"{base}_{k}", k + 1
+        used.add(name.casefold())
+        names.append(name)
+    return names
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """True when `path` lies in `folder` or below it (both resolved)."""
+    path, folder = path.resolve(), folder.resolve()
+    return folder == path or folder in path.parents
+
+
+# --------------------------------------------------------------------------------------------
+# content hashes and the run's key
+
+
+def file_sha256(path) -> str:
+    """Hex sha256 of a file's bytes, remembered for the process per (path, size, mtime), so that
+    a big checkpoint is read once however often it is asked for."""
+    p = Path(path).resolve()
+    stat = p.stat()
+    return _sha256_of(str(p), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    from sam.download import sha256_file
+
+    return sha256_file(path)
+
+
+def _image_sha256(path: Path) -> Optional[str]:
+    """sha256 of an image file (not remembered: there are many); None when it cannot be read
+    (reported when it is loaded)."""
+    from sam.download import sha256_file
+
+    try:
+        return sha256_file(path) if path.is_file() else None
+    except OSError:
+        return None
+
+
+def mask_settings(options: RunOptions) -> Dict[str, object]:
+    """Everything that makes the run's masks, readable: the caller's `made_with` plus the options
+    that change masks (not save_similarity or overlay_format, which only add or change pictures)."""
+    settings = dict(options.made_with)
+    settings["multi"] = options.multi
+    if options.multi:
+        settings["max_objects"] = options.max_objects
+    settings["min_similarity"] = options.min_similarity
+    return _strict_json(settings)
+
+
+def settings_key(settings: Dict[str, object]) -> str:
+    """A short hex digest of the settings (canonical JSON): equal keys, equally made masks."""
+    text = json.dumps(_strict_json(settings), sort_keys=True, allow_nan=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _differences(old_key: str, old: Optional[dict], new: dict) -> str:
+    """The settings that differ, for a message: 'different checkpoint_sha256, method'."""
+    if old_key == UNRECORDED_KEY or not isinstance(old, dict):
+        return "settings not recorded: an older persam made them"
+    names = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return f"different {', '.join(names)}" if names else "different settings"
+
+
+def _strict_json(value):
+    """`value` with every non-finite float (NaN, Infinity) replaced by None and numpy scalars made
+    plain, so that it can be written as strict JSON."""
+    if isinstance(value, dict):
+        return {str(k): _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# the folder lock
+
+
+@contextlib.contextmanager
+def output_lock(folder) -> Iterator[None]:
+    """Hold `folder` exclusively while the block runs; InputError when another run holds it.
+
+    An advisory ``fcntl.flock`` on ``folder/.persam.lock`` (which names the holder's pid).  The
+    kernel drops the lock when its process ends in any way, so a killed run never blocks the
+    next one; the file is removed when the block ends (a run killed with SIGKILL leaves it,
+    unlocked, and the next run takes it over).  Without fcntl (not POSIX) there is no lock."""
+    folder = Path(folder)
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create output folder {folder} ({exc.strerror or exc})") from None
+    path = folder / LOCK_FILE
+    fd = _lock_file(path, folder)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # still locked here: a run waiting on this file sees it gone and retries
+        os.close(fd)
+
+
+def _lock_file(path: Path, folder: Path) -> int:
+    """Open and flock `path` (created if missing); the open, locked file descriptor."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise InputError(f"cannot lock output folder {folder} ({exc.strerror or exc})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise InputError(
+                    f"another persam run{holder} is writing to {folder}; wait for it to finish or use another --out"
+                ) from None
+            raise InputError(f"cannot lock output folder {folder} ({exc.strerror or exc})") from None
+        try:
+            current = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            current = False
+        if current:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        os.close(fd)  # the run that held it removed the file after we opened it: lock the new one
+
+
+def _lock_holder(fd: int) -> str:
+    """' (pid N)' from a lock file, or '' when it names none."""
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return ""
+    return f" (pid {text})" if text.isdigit() else ""
+
+
+# --------------------------------------------------------------------------------------------
+# results.json of earlier runs
+
+
+@dataclass
+class _Earlier:
+    """What results.json says about the folder before this run."""
+
+    records: Dict[str, dict] = field(default_factory=dict)  # by name, each with its "key"
+    files: Set[str] = field(default_factory=set)  # files persam wrote here that still exist
+    made_with: Dict[str, dict] = field(default_factory=dict)  # key -> the settings of that key
+
+
+def _read_earlier(folder: Path) -> _Earlier:
+    """The records and files of `folder`/results.json; InputError when that file is not ours."""
+    path = folder / RESULTS_FILE
+    if not os.path.lexists(path):
+        return _Earlier()
+    data = _results_data(path)
+    if data is None:
+        raise InputError(
+            f"{path} is not a persam results file; refusing to replace it: move it away or use another --out"
         )
-        targets.append(Target(Path(path), name, done))
-    return targets
+    earlier = _Earlier()
+    if "key" in data:
+        earlier.made_with[str(data["key"])] = data.get("made_with")
+        earlier.made_with.update({str(k): v for k, v in (data.get("other_keys") or {}).items()})
+    else:  # version 1: no keys; its header is all that is known of how its masks were made
+        skip = ("version", "summary", "images")
+        earlier.made_with[UNRECORDED_KEY] = {k: v for k, v in data.items() if k not in skip}
+    files = {RESULTS_FILE, *[f for f in data.get("files") or [] if isinstance(f, str)]}
+    reference = data.get("reference") if isinstance(data.get("reference"), dict) else {}
+    if data.get("version") == 1 and (reference.get("points") or reference.get("box")):
+        files.add(REFERENCE_MASK_FILE)
+    for record in data["images"]:
+        if isinstance(record, dict) and isinstance(record.get("name"), str):
+            record.setdefault("key", UNRECORDED_KEY)
+            earlier.records[record["name"]] = record
+            outputs = record.get("outputs")
+            files.update(f for f in (outputs.values() if isinstance(outputs, dict) else ()) if isinstance(f, str))
+    earlier.files = {f for f in files if "/" not in f and os.path.lexists(folder / f)}
+    return earlier
+
+
+def _results_data(path: Path) -> Optional[dict]:
+    """The parsed results.json when it is one persam wrote, else None."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        return None
+    if data.get("format") == RESULTS_FORMAT or data.get("version") == 1:
+        return data
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# the output folder
+
+
+class OutputFolder:
+    """The output folder of a run: what earlier runs left there, what may be written, results.json.
+
+        with OutputFolder(out_dir, options) as folder:  # locks the folder (InputError when taken)
+            targets = folder.plan(paths)                 # names, done / skipped; refuses conflicts
+            folder.claim(targets)                        # lists the files about to be written
+            ...                                          # (the caller's extra_outputs)
+            data = folder.run(predictor, concept, targets)
+
+    Without ``with`` nothing is locked (planning only)."""
+
+    def __init__(self, out_dir, options: Optional[RunOptions] = None,
+                 log: Optional[Callable[[str], None]] = None) -> None:
+        self.out_dir = Path(out_dir)
+        self.options = options or RunOptions()
+        self.log = log or (lambda line: tqdm.write(line, file=sys.stderr))
+        self.made_with = mask_settings(self.options)
+        self.key = settings_key(self.made_with)
+        self.method = self.made_with.get("method")  # for the header; else the concept's, in run()
+        self.earlier = _read_earlier(self.out_dir)
+        self.files: Set[str] = set(self.earlier.files)  # files persam wrote or is about to write here
+        self.records: Dict[str, dict] = {}  # this run's records, by name
+        self.targets: List[Target] = []
+        self._lock = None
+        self._by_folded_name: Optional[Dict[str, List[dict]]] = None
+
+    def __enter__(self) -> "OutputFolder":
+        self._lock = output_lock(self.out_dir)
+        self._lock.__enter__()
+        try:
+            self.earlier = _read_earlier(self.out_dir)  # again, now that no other run can change it
+        except BaseException:
+            self.__exit__(*sys.exc_info())  # `with` does not call __exit__ when __enter__ fails
+            raise
+        self.files = set(self.earlier.files)
+        self._by_folded_name = None
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.__exit__(*exc_info)
+
+    # planning
+
+    def plan(self, paths: Sequence[Path]) -> List[Target]:
+        """Targets for `paths` with their output names, the done and the skipped marked.
+
+        Raises InputError (one line) when a target lies inside the folder, when an image done by
+        an earlier run with other settings would be redone without ``overwrite``, or when a file
+        the run would write exists but was not written by persam."""
+        paths = [Path(p) for p in paths]
+        for path in paths:
+            if _inside(path, self.out_dir):
+                raise InputError(f"target image {path} lies inside the output folder {self.out_dir}; "
+                                 f"write the outputs to another folder")
+        hashes = [_image_sha256(p) for p in paths]
+        reserved = _reserved_files(self.options)
+        names = _unique_names(paths, reserved, lambda name, i: self._name_free(name, paths[i], hashes[i]))
+        references = self._references()
+        targets = [Target(path, name, sha256=sha) for path, name, sha in zip(paths, names, hashes)]
+        for t in targets:
+            if _is_one_of(t, references):
+                t.skip_reason = REFERENCE_IMAGE
+            else:
+                t.done = self._done(t)
+        self._refuse_other_settings(targets)
+        self._refuse_foreign_files(self._files_to_write(targets))
+        self.targets = targets
+        self.records = {t.name: self._skip_record(t) for t in targets if not t.pending}
+        self._note_other_settings()
+        return targets
+
+    def _name_free(self, name: str, path: Path, sha: Optional[str]) -> bool:
+        """False when an earlier record of that name is of another image (its outputs stay)."""
+        records = self._earlier_by_folded_name().get(name.casefold(), ())
+        return all(_same_image(record, path, sha) for record in records)
+
+    def _earlier_by_folded_name(self) -> Dict[str, List[dict]]:
+        """Earlier records by case-folded name (names that differ in case share files on some systems)."""
+        if self._by_folded_name is None:
+            self._by_folded_name = {}
+            for name, record in self.earlier.records.items():
+                self._by_folded_name.setdefault(name.casefold(), []).append(record)
+        return self._by_folded_name
+
+    def _references(self) -> List[Tuple[Path, Optional[str]]]:
+        return [(Path(p).resolve(), _image_sha256(Path(p))) for p in self.options.reference_images]
+
+    def _done(self, target: Target) -> bool:
+        """Segmented by an earlier run with this key, from the same image, all outputs there and ours."""
+        record = self.earlier.records.get(target.name)
+        if self.options.overwrite or not _made_outputs(record) or record.get("key") != self.key:
+            return False
+        if target.sha256 is None or record.get("image_sha256") != target.sha256:
+            return False
+        files = output_files(target.name, self.options).values()
+        return all(f in self.files and (self.out_dir / f).is_file() for f in files)
+
+    def _refuse_other_settings(self, targets: Sequence[Target]) -> None:
+        """InputError when a target to segment has outputs here made with another key (not overwrite)."""
+        if self.options.overwrite:
+            return
+        stale = [(t, self.earlier.records[t.name]) for t in targets
+                 if t.pending and _made_outputs(self.earlier.records.get(t.name))
+                 and self.earlier.records[t.name].get("key") != self.key]
+        if not stale:
+            return
+        names = ", ".join(t.path.name for t, _ in stale[:3]) + (", ..." if len(stale) > 3 else "")
+        old_key = stale[0][1].get("key")
+        why = _differences(old_key, self.earlier.made_with.get(old_key), self.made_with)
+        raise InputError(
+            f"{self.out_dir} holds results for {len(stale)} of these images ({names}) made with other settings "
+            f"({why}); use --overwrite to redo them, or another --out"
+        )
+
+    def _files_to_write(self, targets: Sequence[Target]) -> List[str]:
+        pending = [t for t in targets if t.pending]
+        files = [f for t in pending for f in output_files(t.name, self.options).values()]
+        return files + list(self.options.extra_outputs if pending else ()) + [RESULTS_FILE]
+
+    def _refuse_foreign_files(self, files: Iterable[str]) -> None:
+        """InputError naming the first of `files` that exists in the folder but is not persam's."""
+        for name in files:
+            path = self.out_dir / name
+            if os.path.lexists(path) and name not in self.files:
+                raise InputError(f"{path} was not written by persam (results.json there does not list it); "
+                                 f"refusing to replace it: use another --out, or move the file away")
+
+    def _note_other_settings(self) -> None:
+        """Say so when results.json keeps records of other images made with other settings."""
+        names = {t.name for t in self.targets}
+        kept = [r for n, r in self.earlier.records.items() if n not in names and r.get("key") != self.key]
+        if kept:
+            self.log(f"persam: note: {self.out_dir / RESULTS_FILE} also keeps {len(kept)} record(s) of other "
+                     f"images made with other settings (described under other_keys there)")
+
+    def _skip_record(self, target: Target) -> dict:
+        if target.skip_reason is not None:
+            return {"name": target.name, "image": str(target.path), "image_sha256": target.sha256,
+                    "key": self.key, "status": "skipped", "reason": target.skip_reason}
+        record = dict(self.earlier.records[target.name])
+        record.update(status="skipped", reason="already done")
+        return record
+
+    # writing
+
+    def claim(self, targets: Sequence[Target]) -> dict:
+        """List the files the run will write in results.json before any is written (written first).
+
+        A run killed between writing a file and recording its image thus leaves no file that
+        results.json does not list: the next run may replace it, and no file of the user's is
+        ever taken for persam's.  The files are checked again first (cheap)."""
+        to_write = self._files_to_write(targets)
+        self._refuse_foreign_files(to_write)
+        self.files.update(to_write)
+        return self._save()
+
+    def run(self, predictor, concept: Optional[Concept], targets: Sequence[Target]) -> dict:
+        """Segment the pending targets (after :meth:`plan`); write their outputs and results.json
+        after every image.  Returns the results dictionary as written.  `predictor` and `concept`
+        are used only when something is pending."""
+        options = self.options
+        if self.method is None and concept is not None:
+            self.method = concept.method
+        data = self.claim(targets)
+        pending = [t for t in targets if t.pending]
+        bar = tqdm(pending, desc="segmenting", unit="image", file=sys.stderr,
+                   disable=(not options.progress) if options.progress is not None else None)
+        for t in bar:
+            self.records[t.name] = _segment_target(predictor, concept, t, self.out_dir, options, self.log)
+            self.records[t.name].update(key=self.key, image_sha256=t.sha256)
+            data = self._save()
+        bar.close()
+        return data
+
+    def _save(self) -> dict:
+        """Write results.json: this run's records in target order, then the earlier records of
+        other images; strict JSON (no NaN / Infinity)."""
+        names = {t.name for t in self.targets}
+        ordered = [self.records[t.name] for t in self.targets if t.name in self.records]
+        ordered += [r for n, r in self.earlier.records.items() if n not in names and n not in self.records]
+        other_keys = sorted({r["key"] for r in ordered if r.get("key") != self.key})
+        summary = {
+            "images": len(ordered),
+            "segmented": sum(r.get("status") == "ok" for r in ordered),
+            "skipped": sum(r.get("status") == "skipped" for r in ordered),
+            "errors": sum(r.get("status") == "error" for r in ordered),
+            "found": sum(bool(r.get("found")) for r in ordered),
+            "other_settings": sum(r.get("key") != self.key for r in ordered),
+        }
+        data = {"format": RESULTS_FORMAT, "version": RESULTS_VERSION, "method": self.method,
+                **self.options.info, "multi": self.options.multi, "key": self.key, "made_with": self.made_with}
+        if other_keys:
+            data["other_keys"] = {k: self.earlier.made_with.get(k) for k in other_keys}
+        self.files.add(RESULTS_FILE)
+        data.update(files=sorted(self.files), summary=summary, images=ordered)
+        data = _strict_json(data)
+        atomic_write_text(self.out_dir / RESULTS_FILE, json.dumps(data, indent=2, allow_nan=False) + "\n")
+        return data
+
+
+def _made_outputs(record: Optional[dict]) -> bool:
+    """True for a record of an image that was segmented (its outputs written)."""
+    return isinstance(record, dict) and isinstance(record.get("outputs"), dict) and record.get("status") != "error"
+
+
+def _same_image(record: dict, path: Path, sha: Optional[str]) -> bool:
+    """True when an earlier record is of the image at `path`: the same file, or the same content."""
+    if sha is not None and record.get("image_sha256") == sha:
+        return True
+    try:
+        return Path(str(record.get("image"))).resolve() == path.resolve()
+    except (OSError, RuntimeError):
+        return False
+
+
+def _is_one_of(target: Target, references: Sequence[Tuple[Path, Optional[str]]]) -> bool:
+    """True when the target image is one of the references: the same file, or the same content."""
+    resolved = target.path.resolve()
+    return any(resolved == path or (sha is not None and sha == target.sha256) for path, sha in references)
+
+
+def plan_targets(paths: Sequence[Path], out_dir: Path, options: RunOptions) -> List[Target]:
+    """Targets with their output names (see :meth:`OutputFolder.plan`), without locking the folder."""
+    return OutputFolder(out_dir, options).plan(paths)
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,16 +675,8 @@ def _object_record(seg: Segmentation) -> dict:
     }
 
 
-def _read_previous(path: Path) -> Dict[str, dict]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return {r["name"]: r for r in data.get("images", []) if isinstance(r, dict) and "name" in r}
-    except (OSError, ValueError, TypeError, AttributeError, KeyError):
-        return {}
-
-
 # --------------------------------------------------------------------------------------------
-# the run
+# one image
 
 
 def _encode_jpg_or_png(rgb: np.ndarray, fmt: str) -> bytes:
@@ -248,6 +739,58 @@ def _all_points(segs: List[Segmentation]):
     return points, labels
 
 
+def _segment_target(predictor, concept: Concept, target: Target, out_dir: Path, options: RunOptions,
+                    log: Callable[[str], None]) -> dict:
+    """Segment one target and write its outputs; its record (status ok, or error when unreadable)."""
+    record = {"name": target.name, "image": str(target.path)}
+    try:
+        image = load_image(target.path)
+    except InputError as exc:
+        log(f"persam: warning: {exc} (skipped)")
+        record.update(status="error", error=str(exc))
+        return record
+    if not image.flags.writeable:  # torch warns on read-only arrays
+        image = image.copy()
+    start = time.perf_counter()
+    predictor.set_image(image)
+    encoded = time.perf_counter()
+    segs = _segment_image(predictor, concept, options, options.save_similarity)
+    done = time.perf_counter()
+
+    found = [s for s in segs if s.found]
+    files = output_files(target.name, options)
+    written: List[Path] = []
+    try:
+        _write_outputs(predictor, concept, options, image, segs, found, out_dir, files, written)
+    except BaseException:  # interrupted or failed: leave no outputs of this image behind
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+
+    first = segs[0] if segs else None
+    points, labels = _all_points(segs)
+    boxes = [s.box for s in found if s.box is not None]
+    record.update(
+        status="ok",
+        size=[int(image.shape[1]), int(image.shape[0])],
+        found=bool(found),
+        iou_score=round(float(found[0].iou_score if found else (first.iou_score if first else 0.0)), 5),
+        peak_similarity=round(float(max((s.peak_similarity for s in segs), default=0.0)), 5),
+        points=_points(points),
+        labels=[int(v) for v in labels],
+        boxes=[_floats(b) for b in boxes],
+        timings={"encode_s": round(encoded - start, 4), "segment_s": round(done - encoded, 4)},
+        outputs=files,
+    )
+    if options.multi:
+        record["objects"] = [_object_record(s) for s in found]
+    return record
+
+
+# --------------------------------------------------------------------------------------------
+# the run
+
+
 def run_batch(
     predictor,
     concept: Concept,
@@ -258,87 +801,10 @@ def run_batch(
 ) -> dict:
     """Segment every target not done yet; write its outputs and results.json (after each image).
 
-    Returns the results dictionary (as written).  `log` receives one line per problem
-    (default: stderr, through tqdm so that the progress bar stays intact)."""
-    options = options or RunOptions()
-    out_dir = Path(out_dir)
-    log = log or (lambda line: tqdm.write(line, file=sys.stderr))
-    results_path = out_dir / RESULTS_FILE
-    previous = _read_previous(results_path)
-    records: Dict[str, dict] = {}
-    current = [t.name for t in targets]
-
-    def write_results() -> dict:
-        ordered = [records[n] for n in current if n in records]
-        ordered += [r for n, r in previous.items() if n not in records and n not in current]
-        summary = {
-            "images": len(ordered),
-            "segmented": sum(r.get("status") == "ok" for r in ordered),
-            "skipped": sum(r.get("status") == "skipped" for r in ordered),
-            "errors": sum(r.get("status") == "error" for r in ordered),
-            "found": sum(bool(r.get("found")) for r in ordered),
-        }
-        data = {"version": RESULTS_VERSION, "method": concept.method, **options.info,
-                "multi": options.multi, "summary": summary, "images": ordered}
-        atomic_write_text(results_path, json.dumps(data, indent=2) + "\n")
-        return data
-
-    for t in targets:
-        if t.done:
-            old = dict(previous.get(t.name, {"name": t.name, "image": str(t.path)}))
-            old["status"] = "skipped"
-            records[t.name] = old
-
-    data = write_results()
-    pending = [t for t in targets if not t.done]
-    bar = tqdm(pending, desc="segmenting", unit="image", file=sys.stderr,
-               disable=(not options.progress) if options.progress is not None else None)
-    for t in bar:
-        record = {"name": t.name, "image": str(t.path)}
-        try:
-            image = load_image(t.path)
-        except InputError as exc:
-            log(f"persam: warning: {exc} (skipped)")
-            record.update(status="error", error=str(exc))
-            records[t.name] = record
-            data = write_results()
-            continue
-        if not image.flags.writeable:  # torch warns on read-only arrays
-            image = image.copy()
-        start = time.perf_counter()
-        predictor.set_image(image)
-        encoded = time.perf_counter()
-        segs = _segment_image(predictor, concept, options, options.save_similarity)
-        done = time.perf_counter()
-
-        found = [s for s in segs if s.found]
-        files = output_files(t.name, options)
-        written: List[Path] = []
-        try:
-            _write_outputs(predictor, concept, options, image, segs, found, out_dir, files, written)
-        except BaseException:  # interrupted or failed: leave no outputs of this image behind
-            for path in written:
-                path.unlink(missing_ok=True)
-            raise
-
-        first = segs[0] if segs else None
-        points, labels = _all_points(segs)
-        boxes = [s.box for s in found if s.box is not None]
-        record.update(
-            status="ok",
-            size=[int(image.shape[1]), int(image.shape[0])],
-            found=bool(found),
-            iou_score=round(float(found[0].iou_score if found else (first.iou_score if first else 0.0)), 5),
-            peak_similarity=round(float(max((s.peak_similarity for s in segs), default=0.0)), 5),
-            points=_points(points),
-            labels=[int(v) for v in labels],
-            boxes=[_floats(b) for b in boxes],
-            timings={"encode_s": round(encoded - start, 4), "segment_s": round(done - encoded, 4)},
-            outputs=files,
-        )
-        if options.multi:
-            record["objects"] = [_object_record(s) for s in found]
-        records[t.name] = record
-        data = write_results()
-    bar.close()
-    return data
+    The folder is locked and the targets planned again under the lock (:class:`OutputFolder`),
+    which raises InputError on conflicts.  Returns the results dictionary (as written).  `log`
+    receives one line per problem (default: stderr, through tqdm so that the progress bar stays
+    intact)."""
+    with OutputFolder(out_dir, options, log) as folder:
+        planned = folder.plan([t.path for t in targets])
+        return folder.run(predictor, concept, planned)

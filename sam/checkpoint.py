@@ -87,10 +87,26 @@ def _corrupt(path: Path, exc: BaseException, model_type: Optional[str]) -> Check
     except OSError:
         empty = False
     reason = "the file is empty" if empty else _short_reason(exc)
-    return CheckpointError(
-        f"{path} is not a readable checkpoint (truncated or corrupt?): {reason}; "
-        f"delete it and download again with `{_download_hint(path, model_type)}`"
-    )
+    if _in_download_cache(path):  # our downloader wrote it: replacing it is the cure
+        advice = f"delete it and download again with `{_download_hint(path, model_type)}`"
+    else:  # the user's own file: say what is wrong, not what to do with their file
+        advice = (
+            f"it is not a SAM checkpoint that torch or safetensors can load; give a complete "
+            f"checkpoint, or get one with `{_download_hint(path, model_type)}`"
+        )
+    return CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {reason}; {advice}")
+
+
+def _in_download_cache(path: Path) -> bool:
+    """True for a file of the download registry inside the default download cache."""
+    try:
+        from .download import MODELS, default_cache_dir
+
+        if path.name not in {m.filename for m in MODELS.values()}:
+            return False
+        return path.resolve().parent == default_cache_dir().resolve()
+    except Exception:  # pragma: no cover - registry import problems must not mask the error
+        return False
 
 
 def _looks_like_safetensors(path: Path) -> bool:

@@ -117,6 +117,14 @@ def _again(model_type: str) -> str:
     return f"run `persam download {model_type}` again"
 
 
+def _by_hand(entry: ModelFile, part: Path) -> str:
+    """Where a checkpoint downloaded by hand must go (the cache folder being written to)."""
+    return (
+        f"or download {entry.url} by hand and save it as {part.with_name(entry.filename)} "
+        f"(or pass it with --checkpoint FILE)"
+    )
+
+
 def _describe_net_error(exc: BaseException) -> str:
     if isinstance(exc, urllib.error.HTTPError):
         return f"HTTP {exc.code} {exc.reason}"
@@ -202,12 +210,14 @@ def _fetch(entry: ModelFile, url: str, part: Path, progress: bool) -> None:
             raise
         raise DownloadError(
             f"could not download {url}: {_describe_net_error(exc)}; "
-            f"check the URL and your network connection, then {_again(entry.model_type)}"
+            f"check the URL and your network connection, then {_again(entry.model_type)}; "
+            f"{_by_hand(entry, part)}"
         ) from None
     except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
         raise DownloadError(
             f"could not download {url}: {_describe_net_error(exc)}; "
-            f"check the URL and your network connection, then {_again(entry.model_type)}"
+            f"check the URL and your network connection, then {_again(entry.model_type)}; "
+            f"{_by_hand(entry, part)}"
         ) from None
 
     with resp:

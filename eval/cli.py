@@ -1,7 +1,7 @@
 """``persam eval``: benchmark runners on PerSeg and DAVIS 2017.
 
     persam eval perseg --data DIR --out DIR [--method persam|persam_f] [--model M --checkpoint P]
-                       [--classes a,b] [--pred DIR] [--device D] [--precision P]
+                       [--classes a,b] [--pred DIR] [--device D] [--precision P] [--backend B]
     persam eval davis  --data DIR --out DIR [--sequences a,b] [--max-frames N] [--pred DIR] ...
 
 `add_eval_parser(subparsers)` adds the ``eval`` subcommand to the ``persam`` parser; every
@@ -20,6 +20,7 @@ from persam.cli_args import positive_int as _positive_int
 from persam.models import DEVICES
 from persam.io import InputError
 from persam.pipeline import METHODS
+from sam.backends import BACKEND_CHOICES
 from sam.predictor import PRECISIONS
 
 from .report import DEFAULT_MODEL, split_names
@@ -30,7 +31,7 @@ def cmd_eval_perseg(args: argparse.Namespace) -> int:
 
     run_perseg(args.data, args.out, method=args.method, model_type=args.model or DEFAULT_MODEL,
                checkpoint=args.checkpoint, classes=split_names(args.classes), pred=args.pred,
-               device=args.device, precision=args.precision, progress=not args.quiet)
+               device=args.device, precision=args.precision, progress=not args.quiet, backend=args.backend)
     return 0
 
 
@@ -43,7 +44,7 @@ def cmd_eval_davis(args: argparse.Namespace) -> int:
                   checkpoint=args.checkpoint, sequences=split_names(args.sequences), max_frames=args.max_frames,
                   pred=args.pred, device=args.device, precision=args.precision, year=args.year,
                   split=None if args.split == "all" else args.split, resolution=args.resolution,
-                  use_previous_box=not args.no_previous_box, progress=not args.quiet)
+                  use_previous_box=not args.no_previous_box, progress=not args.quiet, backend=args.backend)
     except SplitFileError as exc:  # the library names its argument; say it in flags here
         raise InputError(
             f"--split {exc.split} --year {exc.year}: DAVIS split file {exc.split_file} not found; "
@@ -63,6 +64,9 @@ def _common(q: argparse.ArgumentParser) -> None:
                    help="score the predictions in DIR instead of running a model")
     q.add_argument("--device", choices=DEVICES, default="cpu", help="default cpu")
     q.add_argument("--precision", choices=PRECISIONS, default="fp32", help="image-encoder precision (default fp32)")
+    q.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
+                   help="who runs the image encoder: auto (default: openvino, then onnxruntime, when installed "
+                        "and on CPU; else torch), torch, openvino, onnxruntime")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 

@@ -18,7 +18,8 @@ from persam.io import InputError, atomic_write_bytes, atomic_write_text
 DEFAULT_MODEL = "vit_h"
 
 
-def load_predictor(model_type: str, checkpoint: Optional[str], device: str = "cpu", precision: str = "fp32"):
+def load_predictor(model_type: str, checkpoint: Optional[str], device: str = "cpu", precision: str = "fp32",
+                   backend: str = "auto"):
     """A SamPredictor for `model_type` with `checkpoint` (default: the cached download; never downloads)."""
     from persam.models import build_predictor, resolve_checkpoint
     from sam.download import MODELS
@@ -26,7 +27,7 @@ def load_predictor(model_type: str, checkpoint: Optional[str], device: str = "cp
     if model_type not in MODELS:
         raise InputError(f"unknown model {model_type!r}: one of {', '.join(sorted(MODELS))}")
     path = resolve_checkpoint(model_type, checkpoint)
-    return build_predictor(model_type, path, device, precision), path
+    return build_predictor(model_type, path, device, precision, backend), path
 
 
 def check_prediction_size(pred: np.ndarray, pred_path: Path, gt_shape: Tuple[int, int], gt_path: Path) -> None:
@@ -49,6 +50,7 @@ def predictions_to_score(
     precision: str,
     predictor=None,
     extra: Optional[Mapping[str, object]] = None,
+    backend: str = "auto",
 ) -> Tuple[Path, Dict[str, object]]:
     """The predictions a runner scores, and the fields of scores.json that describe them.
 
@@ -65,7 +67,7 @@ def predictions_to_score(
     pred_dir = Path(out_dir) / "pred"
     checkpoint_path = checkpoint
     if predictor is None:
-        predictor, checkpoint_path = load_predictor(model_type, checkpoint, device, precision)
+        predictor, checkpoint_path = load_predictor(model_type, checkpoint, device, precision, backend)
     start = time.perf_counter()
     timing = predict(predictor, pred_dir)
     timing["total_s"] = time.perf_counter() - start

@@ -119,6 +119,7 @@ def run_davis(
     progress: bool = True,
     stream: Optional[TextIO] = None,
     predictor=None,
+    backend: str = "auto",
 ) -> Dict[str, object]:
     """The whole DAVIS evaluation (see the module doc); returns what scores.json holds."""
     stream = sys.stdout if stream is None else stream
@@ -138,7 +139,8 @@ def run_davis(
     pred_dir, fields = predictions_to_score(
         pred, out_dir,
         lambda p, d: predict_davis(p, dataset, selected, d, method, max_frames, use_previous_box, progress),
-        method, model_type, checkpoint, device, precision, predictor, extra={"use_previous_box": use_previous_box})
+        method, model_type, checkpoint, device, precision, predictor, extra={"use_previous_box": use_previous_box},
+        backend=backend)
     record.update(fields)
     scores = score_davis(dataset, selected, pred_dir, max_frames)
     record.update(scores)

@@ -108,6 +108,7 @@ def run_perseg(
     progress: bool = True,
     stream: Optional[TextIO] = None,
     predictor=None,
+    backend: str = "auto",
 ) -> Dict[str, object]:
     """The whole PerSeg evaluation (see the module doc); returns what scores.json holds."""
     stream = sys.stdout if stream is None else stream
@@ -117,7 +118,7 @@ def run_perseg(
     record: Dict[str, object] = {"dataset": "perseg", "data": str(dataset.root), "classes_evaluated": selected}
     pred_dir, fields = predictions_to_score(
         pred, out_dir, lambda p, d: predict_perseg(p, dataset, selected, d, method, progress),
-        method, model_type, checkpoint, device, precision, predictor)
+        method, model_type, checkpoint, device, precision, predictor, backend=backend)
     record.update(fields)
     scores = score_perseg(dataset, selected, pred_dir)
     record.update(scores)

@@ -39,10 +39,15 @@ def resolve_checkpoint(model_type: str, checkpoint: Optional[Union[str, Path]]) 
     return path
 
 
-def build_predictor(model_type: str, checkpoint: Path, device: str, precision: str):
-    """The SamPredictor for `model_type` / `checkpoint` on `device`, after checking that the device exists."""
+def build_predictor(model_type: str, checkpoint: Path, device: str, precision: str, backend: str = "auto"):
+    """The SamPredictor for `model_type` / `checkpoint` on `device`, after checking that the device exists.
+
+    `backend` runs the image encoder (sam.backends: auto, torch, openvino, onnxruntime); a compiled
+    one is cached under the checkpoint's sha256. An unusable backend is refused before the model loads.
+    """
     import torch
 
+    from sam.backends import BackendUnavailable, resolve_backend
     from sam.build import build_sam
     from sam.predictor import SamPredictor
 
@@ -50,5 +55,14 @@ def build_predictor(model_type: str, checkpoint: Path, device: str, precision: s
         raise InputError("--device cuda: no CUDA GPU is available (use --device cpu)")
     if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise InputError("--device mps: Apple MPS is not available (use --device cpu)")
+    try:
+        resolved = resolve_backend(backend, device, precision)
+    except (BackendUnavailable, ValueError) as exc:
+        raise InputError(f"--backend {backend}: {exc}") from None
     model = build_sam(model_type, checkpoint, device=device)
-    return SamPredictor(model, precision=precision)
+    sha256 = None
+    if resolved != "torch" and Path(checkpoint).is_file():
+        from .run import file_sha256  # remembered per process: the run's key reads it too
+
+        sha256 = file_sha256(checkpoint)
+    return SamPredictor(model, precision=precision, backend=backend, checkpoint_sha256=sha256)

@@ -4,6 +4,10 @@ Refinement 1 feeds a prediction's low-resolution logits back as a mask
 prompt; refinement 2 adds the box around the mask. Each keeps the mask with
 the best predicted IoU. A prediction can come out empty: then there is no box
 to draw, and the last non-empty mask is kept instead of crashing.
+
+The refinements decode at the decoder's resolution and bring only the chosen
+mask to the image size (`best_upscaled`): the same mask, logits and box as
+upscaling all three candidates, for a third of the upscaling.
 """
 
 from dataclasses import dataclass
@@ -42,6 +46,15 @@ def best_mask(prediction: Prediction) -> MaskChoice:
     )
 
 
+def best_upscaled(predictor: SamPredictor, prediction: Prediction) -> MaskChoice:
+    """`best_mask` of a prediction decoded with full_size=False: only the chosen mask's low-res
+    logits are brought to the original size (the very values `best_mask` would get)."""
+    index = int(np.argmax(prediction.iou_scores))
+    low_res = prediction.low_res_logits[index]
+    logits = predictor.upscale(torch.from_numpy(low_res)[None, None])[0, 0].cpu().numpy()
+    return MaskChoice(logits > predictor.model.mask_threshold, low_res, float(prediction.iou_scores[index]), logits)
+
+
 def mixed_mask(prediction: Prediction, scale_weights: torch.Tensor) -> MaskChoice:
     """PerSAM-F: a single multimask prediction's three masks mixed by the learned weights (3,).
 
@@ -70,8 +83,9 @@ def refine_with_mask(predictor: SamPredictor, points: np.ndarray, labels: np.nda
         point_labels=labels,
         mask_input=previous.low_res_logits[None],
         multimask_output=True,
+        full_size=False,
     )
-    return keep_non_empty(best_mask(prediction), previous)
+    return keep_non_empty(best_upscaled(predictor, prediction), previous)
 
 
 def refine_with_box(predictor: SamPredictor, points: np.ndarray, labels: np.ndarray, previous: MaskChoice) -> MaskChoice:
@@ -88,8 +102,9 @@ def refine_with_box(predictor: SamPredictor, points: np.ndarray, labels: np.ndar
         box=box,
         mask_input=previous.low_res_logits[None],
         multimask_output=True,
+        full_size=False,
     )
-    return keep_non_empty(best_mask(prediction), previous)
+    return keep_non_empty(best_upscaled(predictor, prediction), previous)
 
 
 def keep_non_empty(new: MaskChoice, previous: MaskChoice) -> MaskChoice:

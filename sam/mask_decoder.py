@@ -51,6 +51,7 @@ class MaskDecoder(nn.Module):
         multimask_output: bool,
         attention_similarity: Optional[torch.Tensor] = None,
         target_embedding: Optional[torch.Tensor] = None,
+        image_pe_tokens: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Decode B prompt sets against one image (or B images).
 
@@ -58,6 +59,7 @@ class MaskDecoder(nn.Module):
         sparse_prompt_embeddings: B x N x C; dense_prompt_embeddings: B x C x h x w.
         attention_similarity (B x hw or hw) and target_embedding (B x C or 1 x C) are
         PerSAM's hooks (see transformer.py); None gives plain SAM.
+        image_pe_tokens: image_pe as contiguous 1 x hw x C tokens, when cached (saves a transpose).
         multimask_output: masks 1..3 if True, else mask 0.
         Returns masks B x M x 4h x 4w and iou_pred B x M.
         """
@@ -68,6 +70,7 @@ class MaskDecoder(nn.Module):
             dense_prompt_embeddings,
             attention_similarity=attention_similarity,
             target_embedding=target_embedding,
+            image_pe_tokens=image_pe_tokens,
         )
         selected = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, selected], iou_pred[:, selected]
@@ -80,6 +83,7 @@ class MaskDecoder(nn.Module):
         dense_prompt_embeddings: torch.Tensor,
         attention_similarity: Optional[torch.Tensor] = None,
         target_embedding: Optional[torch.Tensor] = None,
+        image_pe_tokens: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """All mask tokens: masks B x 4 x 4h x 4w and iou_pred B x 4."""
         batch = sparse_prompt_embeddings.shape[0]
@@ -93,7 +97,7 @@ class MaskDecoder(nn.Module):
         pos_src = image_pe.expand(batch, -1, -1, -1)
         _, channels, height, width = src.shape
 
-        hs, src = self.transformer(src, pos_src, tokens, attention_similarity, target_embedding)
+        hs, src = self.transformer(src, pos_src, tokens, attention_similarity, target_embedding, image_pe_tokens)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
 

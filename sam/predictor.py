@@ -1,13 +1,15 @@
 """Encode an image once, then decode masks from as many prompts as asked."""
 
+import os
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import ContextManager, Optional, Tuple, Union
+from typing import ContextManager, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
+from .backends import make_encoder, resolve_backend
 from .sam import Sam
 from .transforms import preprocess_shape, resize_longest_side, scale_boxes, scale_coords
 
@@ -29,6 +31,14 @@ class Prediction:
     iou_scores: ArrayLike
     low_res_logits: ArrayLike
     logits: Optional[ArrayLike]  # None when decoded with full_size=False
+
+
+class ImageEmbedding(NamedTuple):
+    """One encoded image: `predictor.set_embedding(*embedding)` makes it the current image."""
+
+    features: torch.Tensor  # 1 x 256 x 64 x 64
+    original_size: Tuple[int, int]
+    input_size: Tuple[int, int]
 
 
 def autocast_context(device: torch.device, precision: str) -> ContextManager:
@@ -56,13 +66,29 @@ class SamPredictor:
     """Keeps one image's embedding and decodes prompts against it.
 
     precision: "fp32" (default), or "bf16" / "fp16" to run the image encoder
-    under autocast (bf16 on CPU; either on GPU). The decoder always runs in fp32.
+    in reduced precision (bf16 on CPU; either on GPU). The decoder always runs in fp32.
+
+    backend: who runs the image encoder (see sam.backends): "auto" (default: OpenVINO,
+    then ONNX Runtime, when installed and the model is on the CPU, else torch), "torch",
+    "openvino" or "onnxruntime". A compiled backend exports the encoder once per weights
+    and precision into `cache_dir` (default: the checkpoint cache's compiled/ folder),
+    at the first encoded image or at `prepare()`; `checkpoint_sha256` (the checkpoint
+    file's sha256) names the weights there, else they are hashed.
     """
 
-    def __init__(self, sam_model: Sam, precision: str = "fp32") -> None:
+    def __init__(
+        self,
+        sam_model: Sam,
+        precision: str = "fp32",
+        backend: Optional[str] = "auto",
+        cache_dir: Union[str, "os.PathLike[str]", None] = None,
+        checkpoint_sha256: Optional[str] = None,
+    ) -> None:
         self.model = sam_model
         self.precision = precision
         autocast_context(self.device, precision)  # validates the mode for this device
+        self._auto_backend = backend in (None, "auto")
+        self.backend = resolve_backend(backend, self.device, precision)
         if precision == "bf16" and self.device.type == "cpu" and not cpu_has_native_bf16():
             warnings.warn(
                 "this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 is emulated and runs several times "
@@ -70,11 +96,36 @@ class SamPredictor:
                 RuntimeWarning,
                 stacklevel=2,
             )
+        self._encoder_options = {"sha256": checkpoint_sha256, "cache_dir": cache_dir}
+        self._encoder = None
         self.reset_image()
 
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    def prepare(self):
+        """Build (or load from the cache) the image encoder's runner now; returns it.
+
+        Otherwise this happens at the first encoded image. With backend "auto", a compiled
+        backend that fails to build falls back to torch with a warning.
+        """
+        if self._encoder is None:
+            try:
+                self._encoder = make_encoder(self.model, self.backend, self.precision, **self._encoder_options)
+            except Exception as exc:  # noqa: BLE001 - "auto" must not fail where torch works
+                if not self._auto_backend or self.backend == "torch":
+                    raise
+                warnings.warn(f"the {self.backend} image encoder could not be built ({type(exc).__name__}: {exc}); "
+                              "using torch", RuntimeWarning, stacklevel=2)
+                self.backend = "torch"
+                self._encoder = make_encoder(self.model, "torch", self.precision)
+        return self._encoder
+
+    def encode(self, model_input: torch.Tensor) -> torch.Tensor:
+        """Image embeddings B x 256 x 64 x 64 (fp32, on the model's device) of normalised, padded
+        B x 3 x S x S inputs (`Sam.preprocess`), in one call of the backend's encoder."""
+        return self.prepare()(model_input).to(self.device, torch.float32)
 
     def reset_image(self) -> None:
         self.features: Optional[torch.Tensor] = None
@@ -104,11 +155,28 @@ class SamPredictor:
         if max(resized_image.shape[-2:]) != self.model.img_size:
             raise ValueError(f"the longest side must be {self.model.img_size}, got {tuple(resized_image.shape[-2:])}")
         self.reset_image()
-        model_input = self.model.preprocess(resized_image.to(self.device, torch.float32))
-        with autocast_context(self.device, self.precision):
-            features = self.model.image_encoder(model_input)
-        self.set_embedding(features.float(), original_size, tuple(resized_image.shape[-2:]))
+        features = self.encode(self.model.preprocess(resized_image.to(self.device, torch.float32)))
+        self.set_embedding(features, original_size, tuple(resized_image.shape[-2:]))
         return self.features
+
+    @torch.inference_mode()
+    def encode_images(self, images: Sequence[ArrayLike], batch_size: Optional[int] = None) -> List[ImageEmbedding]:
+        """Encode RGB uint8 images (any sizes) several per encoder call: `batch_size` per call
+        (default all at once). Returns one ImageEmbedding per image, in order; the current image
+        is not changed (`set_embedding(*embedding)` selects one)."""
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        pixels = [_as_rgb_array(image) for image in images]
+        step = batch_size or max(1, len(pixels))
+        embeddings: List[ImageEmbedding] = []
+        for start in range(0, len(pixels), step):
+            chunk = pixels[start:start + step]
+            resized = [torch.from_numpy(resize_longest_side(p, self.model.img_size)) for p in chunk]
+            batch = torch.cat([self.model.preprocess(r.to(self.device).permute(2, 0, 1)[None].float()) for r in resized])
+            features = self.encode(batch)
+            for i, (p, r) in enumerate(zip(chunk, resized)):
+                embeddings.append(ImageEmbedding(features[i:i + 1].clone(), tuple(p.shape[:2]), tuple(r.shape[:2])))
+        return embeddings
 
     def set_embedding(
         self, features: torch.Tensor, original_size: Tuple[int, int], input_size: Optional[Tuple[int, int]] = None
@@ -212,6 +280,7 @@ class SamPredictor:
         low_res, iou_scores = self.model.mask_decoder(
             image_embeddings=self.features,
             image_pe=self.model.prompt_encoder.get_dense_pe(),
+            image_pe_tokens=self.model.prompt_encoder.get_dense_pe_tokens(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=multimask_output,

@@ -41,8 +41,29 @@ class PromptEncoder(nn.Module):
         self.no_mask_embed = nn.Embedding(1, embed_dim)
 
     def get_dense_pe(self) -> torch.Tensor:
-        """Positional encoding of the image embedding grid: 1 x C x h x w."""
-        return self.pe_layer(self.image_embedding_size).unsqueeze(0)
+        """Positional encoding of the image embedding grid: 1 x C x h x w (computed once, then cached)."""
+        return self._dense_pe()[0]
+
+    def get_dense_pe_tokens(self) -> torch.Tensor:
+        """The same encoding as contiguous tokens, 1 x (h * w) x C (what the decoder adds to image tokens)."""
+        return self._dense_pe()[1]
+
+    def _dense_pe(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        # It depends only on the random frequency matrix: cached until that changes (new values,
+        # device or dtype), computed outside inference mode so that autograd code may use it too.
+        matrix = self.pe_layer.positional_encoding_gaussian_matrix
+        try:
+            key = (matrix.device, matrix.dtype, matrix.data_ptr(), matrix._version, tuple(self.image_embedding_size))
+        except RuntimeError:  # an inference tensor has no version counter: do not cache
+            pe = self.pe_layer(self.image_embedding_size).unsqueeze(0)
+            return pe, pe.flatten(2).transpose(1, 2).contiguous()
+        cached = self.__dict__.get("_dense_pe_cache")
+        if cached is None or cached[0] != key:
+            with torch.inference_mode(False), torch.no_grad():
+                pe = self.pe_layer(self.image_embedding_size).unsqueeze(0)
+                cached = (key, pe, pe.flatten(2).transpose(1, 2).contiguous())
+            self.__dict__["_dense_pe_cache"] = cached
+        return cached[1], cached[2]
 
     def embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
         """points: B x N x 2 (x, y in input-frame pixels), labels: B x N -> B x N(+1) x C.

@@ -65,10 +65,25 @@ class TwoWayTransformer(nn.Module):
         point_embedding: torch.Tensor,
         attention_similarity: Optional[torch.Tensor] = None,
         target_embedding: Optional[torch.Tensor] = None,
+        image_pe_tokens: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """image_embedding, image_pe: B x C x h x w; point_embedding: B x N x C."""
+        """image_embedding, image_pe: B x C x h x w; point_embedding: B x N x C.
+
+        image_pe_tokens: image_pe as contiguous 1 x hw x C tokens when the caller has it
+        (PromptEncoder.get_dense_pe_tokens caches it); computed here otherwise.
+        """
         keys = image_embedding.flatten(2).transpose(1, 2)
-        key_pe = image_pe.flatten(2).transpose(1, 2)
+        # The positional term in both layouts: the transposed view matches the keys of the first
+        # block (a view of the B x C x h x w input), the contiguous copy the keys after each block's
+        # norm. Adding tensors of one layout is a plain pass; mixing them was a strided one, ten
+        # times slower. The sums are the same numbers either way.
+        key_pe_view = image_pe.flatten(2).transpose(1, 2)
+        key_pe_tokens = image_pe_tokens if image_pe_tokens is not None else key_pe_view.contiguous()
+        key_pe_tokens = key_pe_tokens.expand(key_pe_view.shape)
+
+        def key_pe_like(keys: torch.Tensor) -> torch.Tensor:
+            return key_pe_tokens if keys.is_contiguous() else key_pe_view
+
         attention_bias = None
         if attention_similarity is not None:
             attention_bias = attention_similarity.reshape(-1, 1, 1, keys.shape[1]).to(keys.dtype)
@@ -81,12 +96,12 @@ class TwoWayTransformer(nn.Module):
         for index, layer in enumerate(self.layers):
             if target_embedding is not None and index > 0:
                 queries = queries + target
-            queries, keys = layer(queries, keys, query_pe, key_pe, attention_bias)
+            queries, keys = layer(queries, keys, query_pe, key_pe_like(keys), attention_bias)
 
         q = queries + query_pe
         if target_embedding is not None:
             q = q + target
-        attn_out = self.final_attn_token_to_image(q=q, k=keys + key_pe, v=keys)
+        attn_out = self.final_attn_token_to_image(q=q, k=keys + key_pe_like(keys), v=keys)
         queries = self.norm_final_attn(queries + attn_out)
         return queries, keys
 
@@ -131,13 +146,12 @@ class TwoWayAttentionBlock(nn.Module):
         queries = self.norm1(queries)
 
         q = queries + query_pe
-        k = keys + key_pe
+        k = keys + key_pe  # keys change only at the end of the block: one sum serves both attentions
         queries = self.norm2(queries + self.cross_attn_token_to_image(q=q, k=k, v=keys, attention_bias=attention_bias))
 
         queries = self.norm3(queries + self.mlp(queries))
 
         q = queries + query_pe
-        k = keys + key_pe
         keys = self.norm4(keys + self.cross_attn_image_to_token(q=k, k=q, v=queries))
         return queries, keys
 

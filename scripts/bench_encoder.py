@@ -1,41 +1,40 @@
 #!/usr/bin/env python
-"""Time our ViT image encoder against Meta's `segment_anything` one, same weights, same input.
+"""Image-encoder speed: our backends against the reference model and plain OpenVINO / ONNX Runtime
+exports, on the same weights and input, next to the hardware limit.
 
-    python scripts/bench_encoder.py [--model vit_b] [--device cpu|cuda] [--repeats 3]
-                                    [--images N] [--out DIR] [--checkpoint PATH]
+    python scripts/bench_encoder.py [--models vit_t,vit_b] [--repeats 5] [--threads N]
+                                    [--checkpoint PATH] [--batch-size 1] [--out DIR]
 
-Both encoders get the same (seeded random, or --checkpoint) weights and the same
-1024 x 1024 input (a shared photo, preprocessed as the predictor does). For fp32
-and for the reduced-precision modes (bf16 autocast on CPU; fp16 and bf16 autocast
-on CUDA) it prints seconds per image, the speed-up over the official fp32 encoder,
-and our / official ratio within each mode. Runs are interleaved (official, ours,
-ours, official, ...) so that load from other processes hits both alike; the median
-of --repeats runs is reported, after one warm-up run each.
+For each model (same seeded random weights in every row, or --checkpoint; one shared photo,
+preprocessed as the predictor does) it times, each row in its own fresh process (so that
+thread pools do not meet and the peak memory is the row's own):
 
-Reduced modes on a CPU without native bf16 arithmetic (no AVX512-BF16 / AMX: the
-oneDNN bf16 check is False) are emulated and several times slower than fp32; a
-full forward of the official encoder then takes minutes (its global attention
-builds 12 x 4096 x 4096 bf16 maps). There, by default (--reduced-timing auto),
-those modes are timed on one pass through the patch embedding, one windowed
-block, one global block and the neck, and the encoder time is estimated as
-embed + n_windowed x windowed + n_global x global + neck (marked "est.").
-Our reduced mode is also run for real in the mask-effect part below, and its
-measured full-forward time is printed next to the estimate.
+    ours torch          our encoder, eager PyTorch (backend "torch")
+    ours openvino       our backend "openvino": our export, OpenVINO IR, f32, latency hint
+    ours onnxruntime    our backend "onnxruntime"
+    ref torch           the reference module in PyTorch: Meta's segment_anything ImageEncoderViT
+                        (ViT) or, for vit_t, MobileSAM's TinyViT layout with MobileSAM's explicit
+                        attention (q k^T + bias, softmax, v)
+    plain openvino      the reference module exported as it is (torch.onnx.export, opset 17) and
+                        read by OpenVINO with its defaults, inference precision f32 (a CPU with
+                        native bf16 would otherwise run bf16: see "plain openvino default")
+    plain onnxruntime   the same ONNX file in ONNX Runtime with its defaults
 
-Mask effect: for --images shared photos, our full predictor runs in fp32 and in
-each reduced mode; for a few fixed one-point prompts it reports the IoU between
-the fp32 masks and the reduced-mode masks (all three multimask outputs), and the
-relative error of the image embedding. With random weights the masks are
-arbitrary shapes, but the fp32 vs reduced agreement still measures how much the
-reduced precision changes the decoder's input and its thresholded output.
+and prints seconds per image (median of --repeats after one warm-up run, and the fastest),
+the one-time cost of the compiled rows (ours: export + conversion + compilation, built in an
+empty cache, later runs load it, see sam/backends.py; plain: loading and compiling the ONNX file,
+plus exporting it for the first plain row), the largest difference of the embedding from ours torch,
+the peak resident memory of the row's process, the ratio to plain OpenVINO's time and the ratio
+to the limit. The limit is the encoder's FLOPs (counted by torch's FlopCounterMode) over the
+measured sgemm peak of this machine (torch.mm of 4096 x 4096 fp32 matrices, best of 5, same
+threads). With --batch-size B > 1 our rows encode B images per call and report seconds per image.
 
-Run time of the default (ViT-B): about 8.5 minutes on a 2-core AVX2 CPU, most of
-it in emulated bf16 (one official bf16 estimate pass ~2 min, our bf16 encoder
-~80 s per mask-effect image); --modes fp32 --images 0 takes ~3 minutes there.
+On a GPU (--device cuda, with --precision fp32|bf16|fp16 and --batch-size for throughput) only
+the torch rows run, and the peak memory is the GPU's.
 
-Outputs in --out (default runs/bench_encoder): bench_encoder.csv (timings),
-bench_masks.csv (IoUs), bench_encoder.png (speed-up chart; matplotlib if
-installed, else drawn with OpenCV).
+Rows that need a package that is missing (segment-anything, openvino, onnxruntime) are skipped
+with a note. Outputs in --out (default runs/bench_encoder): bench_encoder.csv and .json.
+A quick end-to-end check: --models vit_t --repeats 1 --img-size 1024 (ViT also at --img-size 256).
 """
 
 from __future__ import annotations
@@ -43,13 +42,18 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.util
+import json
 import os
 import platform
+import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -57,267 +61,226 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
 SHARED_DATA = REPO.parent / "shared" / "data"
-IMAGE_DIRS = (SHARED_DATA / "perseg_subset" / "Images", SHARED_DATA / "dreambooth")
-# One positive point each, as fractions of (width, height).
-PROMPTS: Tuple[Tuple[float, float], ...] = ((0.5, 0.5), (0.3, 0.4), (0.7, 0.65))
-ENCODERS = ("official", "ours")
+ROWS = ("ours torch", "ours openvino", "ours onnxruntime", "ref torch", "plain openvino", "plain onnxruntime",
+        "plain openvino default")
+DEFAULT_ROWS = ROWS[:-1]
 
 
 # --------------------------------------------------------------------------- #
-# Models
+# Models, input, FLOPs, sgemm peak
 # --------------------------------------------------------------------------- #
 
 
-def _load_test_module(name: str):
-    """Import tests/<name>.py by path (the test helpers are not part of the package)."""
+def _test_module(name: str):
     spec = importlib.util.spec_from_file_location(f"_bench_tests_{name}", TESTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def build_models(model_type: str, checkpoint: Optional[str], seed: int, device: torch.device, img_size: int = 1024):
-    """(our Sam, Meta's Sam) holding the same weights, on `device`, in eval mode."""
-    conftest = _load_test_module("conftest")
-    sam_testing = _load_test_module("sam_testing")
-    import pytest
-
-    try:
-        segment_anything = conftest.import_official_sam()
-    except pytest.skip.Exception:
-        sys.exit("segment_anything is not installed: pip install 'segment-anything==1.0' (or pip install -e '.[test]')")
+def our_model(model_type: str, checkpoint: Optional[str], seed: int, img_size: int):
     if checkpoint:
         from sam.build import build_sam
 
-        ours = build_sam(model_type, checkpoint)
-        state = ours.state_dict()
-    else:
-        ours, state = sam_testing.random_sam(model_type, img_size=img_size, seed=seed)
-    official = sam_testing.official_sam_model(segment_anything, model_type, state, img_size=img_size)
-    return ours.to(device).eval(), official.to(device).eval()
+        return build_sam(model_type, checkpoint)
+    return _test_module("sam_testing").random_sam(model_type, img_size=img_size, seed=seed)[0]
 
 
-# --------------------------------------------------------------------------- #
-# Timing
-# --------------------------------------------------------------------------- #
+def reference_encoder(model_type: str, ours) -> torch.nn.Module:
+    """Meta's ImageEncoderViT holding our weights (ViT), or our TinyViT with MobileSAM's attention (vit_t)."""
+    if model_type == "vit_t":
+        encoder = ours.image_encoder
+        from sam import tiny_vit
+
+        for module in encoder.modules():
+            if isinstance(module, tiny_vit.Attention):
+                module.forward = _mobile_sam_attention.__get__(module)
+        return encoder
+    conftest = _test_module("conftest")
+    segment_anything = conftest.import_official_sam()  # pytest.skip.Exception when missing
+    sam_testing = _test_module("sam_testing")
+    official = sam_testing.official_sam_model(segment_anything, model_type, ours.state_dict(),
+                                              img_size=ours.image_encoder.img_size)
+    return official.image_encoder.eval()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _mobile_sam_attention(self, x: torch.Tensor) -> torch.Tensor:
+    """MobileSAM's TinyViT Attention.forward (inference): explicit scores, dense bias table, softmax."""
+    B, N, _ = x.shape
+    qkv = self.qkv(self.norm(x))
+    q, k, v = qkv.view(B, N, self.num_heads, -1).split([self.head_dim] * 3, dim=3)
+    q, k, v = q.permute(0, 2, 1, 3), k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)
+    attn = (q @ k.transpose(-2, -1)) * self.scale + self.attention_biases[:, self.attention_bias_idxs]
+    x = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
+    return self.proj(x)
 
 
-def _timed(fn: Callable[[], torch.Tensor], device: torch.device) -> Tuple[float, torch.Tensor]:
-    _sync(device)
-    start = time.perf_counter()
-    out = fn()
-    _sync(device)
-    return time.perf_counter() - start, out
-
-
-def native_reduced_precision(device: torch.device, precision: str) -> bool:
-    """Whether `precision` runs on native hardware arithmetic (always assumed on CUDA)."""
-    if precision == "fp32" or device.type != "cpu":
-        return True
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return True
-
-
-def time_full(
-    encoders: Dict[str, torch.nn.Module], x: torch.Tensor, device: torch.device, precision: str, repeats: int
-) -> Tuple[Dict[str, List[float]], Dict[str, torch.Tensor]]:
-    """Seconds of whole forwards, interleaved (official, ours, ours, official, ...), after one warm-up each."""
-    from sam.predictor import autocast_context
-
-    def forward(encoder):
-        with torch.inference_mode(), autocast_context(device, precision):
-            return encoder(x)
-
-    for encoder in encoders.values():
-        _timed(lambda: forward(encoder), device)
-    times: Dict[str, List[float]] = {name: [] for name in encoders}
-    outputs: Dict[str, torch.Tensor] = {}
-    names = list(encoders)
-    for repeat in range(repeats):
-        for name in names if repeat % 2 == 0 else names[::-1]:
-            seconds, outputs[name] = _timed(lambda: forward(encoders[name]), device)
-            times[name].append(seconds)
-            print(f"    {precision:>4} {name:<8} run {repeat + 1}/{repeats}: {seconds:7.2f} s", flush=True)
-    return times, outputs
-
-
-def time_by_blocks(
-    encoders: Dict[str, torch.nn.Module], x: torch.Tensor, device: torch.device, precision: str, repeats: int
-) -> Dict[str, List[float]]:
-    """Estimated seconds per forward from one pass through embed, a windowed block, a global block and the neck."""
-    from sam.predictor import autocast_context
-
-    def estimate(encoder) -> float:
-        windowed = [i for i, block in enumerate(encoder.blocks) if block.window_size > 0]
-        global_ = [i for i, block in enumerate(encoder.blocks) if block.window_size == 0]
-        with torch.inference_mode(), autocast_context(device, precision):
-
-            def embed():
-                tokens = encoder.patch_embed(x)
-                return tokens if encoder.pos_embed is None else tokens + encoder.pos_embed
-
-            total, tokens = _timed(embed, device)
-            for indexes in (windowed, global_):
-                if indexes:
-                    seconds, tokens = _timed(lambda: encoder.blocks[indexes[0]](tokens), device)
-                    total += len(indexes) * seconds
-            seconds, _ = _timed(lambda: encoder.neck(tokens.permute(0, 3, 1, 2)), device)
-        return total + seconds
-
-    times: Dict[str, List[float]] = {name: [] for name in encoders}
-    names = list(encoders)
-    for repeat in range(repeats):
-        for name in names if repeat % 2 == 0 else names[::-1]:
-            times[name].append(estimate(encoders[name]))
-            print(f"    {precision:>4} {name:<8} est. {repeat + 1}/{repeats}: {times[name][-1]:7.2f} s", flush=True)
-    return times
-
-
-# --------------------------------------------------------------------------- #
-# Images and the mask effect
-# --------------------------------------------------------------------------- #
-
-
-def shared_images(count: int) -> List[Path]:
-    """`count` shared photos, one per class first (perseg_subset, then dreambooth)."""
-    for root in IMAGE_DIRS:
-        if not root.is_dir():
-            continue
-        per_class = [sorted(p for p in d.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-                     for d in sorted(root.iterdir()) if d.is_dir()]
-        ordered = [files[i] for i in range(max(map(len, per_class), default=0)) for files in per_class if i < len(files)]
-        if ordered:
-            return ordered[:count]
-    return []
-
-
-def encoder_input(model, image: np.ndarray, device: torch.device) -> torch.Tensor:
-    """1 x 3 x S x S normalised, padded input (S = the model's input side), as SamPredictor builds it."""
+def encoder_input(model, batch: int = 1) -> torch.Tensor:
+    """A shared photo (or seeded noise) resized, normalised and padded as SamPredictor does: B x 3 x S x S."""
     from sam.transforms import resize_longest_side
 
-    resized = torch.from_numpy(resize_longest_side(image, model.img_size)).to(device).permute(2, 0, 1)[None]
-    return model.preprocess(resized.to(torch.float32))
+    photos = sorted((SHARED_DATA / "perseg_subset" / "Images" / "cat").glob("*.jpg"))
+    if photos:
+        from persam.io import load_image
+
+        resized = torch.from_numpy(resize_longest_side(load_image(photos[1 % len(photos)]), model.img_size))
+        x = model.preprocess(resized.permute(2, 0, 1)[None].float())
+    else:
+        x = torch.randn(1, 3, model.img_size, model.img_size, generator=torch.Generator().manual_seed(0))
+    return x.expand(batch, -1, -1, -1).contiguous()
 
 
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+def count_flops(encoder: torch.nn.Module, img_size: int) -> float:
+    """FLOPs of one forward (multiply-add = 2), counted on the meta device (no arithmetic is done)."""
+    import copy
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    meta = copy.deepcopy(encoder).to("meta")
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        meta(torch.empty(1, 3, img_size, img_size, device="meta"))
+    return float(counter.get_total_flops())
 
 
-def mask_effect(model, images: Sequence[Path], precisions: Sequence[str]) -> Tuple[List[dict], Dict[str, List[float]]]:
-    """IoU of reduced-precision masks against fp32 masks, and our predictor's real encoder times."""
-    from persam.io import load_image
-    from sam.predictor import SamPredictor
-
-    predictors = {p: SamPredictor(model, precision=p) for p in ("fp32", *precisions)}
-    rows: List[dict] = []
-    encode_seconds: Dict[str, List[float]] = {p: [] for p in predictors}
-    for path in images:
-        image = load_image(path)
-        height, width = image.shape[:2]
-        for precision, predictor in predictors.items():
-            seconds, _ = _timed(lambda: predictor.set_image(image), model.device)
-            encode_seconds[precision].append(seconds)
-        reference = predictors["fp32"]
-        for precision in precisions:
-            predictor = predictors[precision]
-            rel_err = float((predictor.features - reference.features).norm() / reference.features.norm())
-            for fx, fy in PROMPTS:
-                point, label = np.array([[fx * width, fy * height]]), np.array([1])
-                expected = reference.predict(point, label, multimask_output=True)
-                got = predictor.predict(point, label, multimask_output=True)
-                for index in range(expected.masks.shape[0]):
-                    rows.append({
-                        "image": str(path.relative_to(SHARED_DATA)) if path.is_relative_to(SHARED_DATA) else str(path),
-                        "mode": precision,
-                        "point_x": round(fx * width, 1),
-                        "point_y": round(fy * height, 1),
-                        "mask_index": index,
-                        "iou_vs_fp32": round(mask_iou(expected.masks[index], got.masks[index]), 5),
-                        "fp32_mask_fraction": round(float(expected.masks[index].mean()), 5),
-                        "embedding_rel_err": round(rel_err, 6),
-                    })
-        print(f"    {path.name} ({path.parent.name}): encoded in "
-              + ", ".join(f"{p} {s[-1]:.1f} s" for p, s in encode_seconds.items()), flush=True)
-    return rows, encode_seconds
+def sgemm_peak(threads: int, size: int = 4096, repeats: int = 5, device: str = "cpu") -> float:
+    """Best fp32 matrix-multiply rate of this machine (or GPU), GFLOP/s, with `threads` CPU threads."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        if device != "cpu":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        torch.mm(a, b)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best / 1e9
 
 
-# --------------------------------------------------------------------------- #
-# Output
-# --------------------------------------------------------------------------- #
-
-
-def write_csv(path: Path, rows: List[dict]) -> None:
-    if not rows:
-        return
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def draw_chart(path: Path, rows: List[dict], title: str) -> str:
-    """Horizontal bars of the speed-up over the official fp32 encoder, lines at 1x and 2x."""
-    labels = [f"{r['mode']} {r['encoder']}{' (est.)' if r['timing'] != 'full' else ''}" for r in rows]
-    values = [float(r["speedup_vs_official_fp32"]) for r in rows]
-    colours = ["#1f77b4" if r["encoder"] == "official" else "#ff7f0e" for r in rows]
+def rss_mib() -> float:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.5))
-        y = np.arange(len(rows))[::-1]
-        ax.barh(y, values, color=colours)
-        ax.set_yticks(y, labels)
-        for value, yy in zip(values, y):
-            ax.text(value, yy, f" {value:.2f}x", va="center")
-        for line in (1.0, 2.0):
-            ax.axvline(line, color="gray", linestyle="--", linewidth=1)
-        ax.set_xlabel("speed-up over the official fp32 encoder (higher is faster)")
-        ax.set_title(title, fontsize=9)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return "matplotlib"
-    except ImportError:
-        pass
-    import cv2
-
-    left, right, top, bar, gap = 230, 120, 60, 28, 14
-    width = 900
-    height = top + len(rows) * (bar + gap) + 50
-    canvas = np.full((height, width, 3), 255, np.uint8)
-    scale = (width - left - right) / max(2.2, max(values, default=1.0) * 1.05)
-    cv2.putText(canvas, title, (10, 25), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
-    for i, (label, value, colour) in enumerate(zip(labels, values, colours)):
-        y = top + i * (bar + gap)
-        bgr = tuple(int(colour[j:j + 2], 16) for j in (5, 3, 1))
-        cv2.rectangle(canvas, (left, y), (left + max(1, int(value * scale)), y + bar), bgr, -1)
-        cv2.putText(canvas, label, (10, y + bar - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
-        cv2.putText(canvas, f"{value:.2f}x", (left + int(value * scale) + 6, y + bar - 8),
-                    cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
-    for line in (1.0, 2.0):
-        x = left + int(line * scale)
-        for y in range(top - 10, height - 40, 8):
-            cv2.line(canvas, (x, y), (x, y + 4), (128, 128, 128), 1)
-        cv2.putText(canvas, f"{line:g}x", (x - 8, height - 25), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (80, 80, 80), 1, cv2.LINE_AA)
-    cv2.putText(canvas, "speed-up over the official fp32 encoder (higher is faster)", (left, height - 8),
-                cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
-    cv2.imwrite(str(path), canvas)
-    return "opencv"
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    except (OSError, ValueError):
+        return float("nan")
 
 
-def load_text() -> str:
-    return "load average %.2f %.2f %.2f" % os.getloadavg() if hasattr(os, "getloadavg") else "load average n/a"
+def peak_rss_mib() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10
+
+
+# --------------------------------------------------------------------------- #
+# One row, in its own process
+# --------------------------------------------------------------------------- #
+
+
+def plain_export(encoder: torch.nn.Module, img_size: int, path: Path) -> None:
+    """The module as it is, through torch's ONNX exporter: what a user of OpenVINO / ONNX Runtime would do."""
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(encoder, (torch.zeros(1, 3, img_size, img_size),), str(path), dynamo=False,
+                          input_names=["image"], output_names=["embedding"], opset_version=17)
+
+
+def worker(spec: dict) -> dict:
+    """Build the row's runner, time it, save its embedding; returns the row's numbers."""
+    torch.set_num_threads(spec["threads"])
+    row, batch = spec["row"], spec["batch_size"]
+    device = torch.device(spec["device"])
+    if device.type != "cpu" and not row.endswith("torch"):
+        raise SystemExit(f"runs on the CPU only (--device {device})")
+    ours = our_model(spec["model"], spec["checkpoint"], spec["seed"], spec["img_size"])
+    x = encoder_input(ours, batch if row.startswith("ours") else 1).to(device)
+    ours.to(device)
+    rss_model = rss_mib()
+    work = Path(spec["work"])
+    start = time.perf_counter()
+    if row == "ours torch":
+        from sam.backends import TorchEncoder
+
+        run = TorchEncoder(ours.image_encoder, spec["precision"])
+    elif row.startswith("ours "):
+        from sam.backends import make_encoder
+
+        runner = make_encoder(ours, row.split()[1], "fp32", cache_dir=work / "cache", log=None,
+                              threads=spec["threads"])
+        run = runner
+    else:
+        reference = reference_encoder(spec["model"], ours).to(device)
+        if row == "ref torch":
+            from sam.predictor import autocast_context
+
+            def run(inp, encoder=reference):
+                with torch.inference_mode(), autocast_context(device, spec["precision"]):
+                    return encoder(inp).float()
+        else:
+            onnx_file = work / f"plain-{spec['model']}.onnx"
+            if not onnx_file.exists():
+                plain_export(reference, ours.image_encoder.img_size, onnx_file)
+            if row.startswith("plain openvino"):
+                import openvino as ov
+
+                config = {} if row.endswith("default") else {"INFERENCE_PRECISION_HINT": "f32"}
+                config["INFERENCE_NUM_THREADS"] = spec["threads"]
+                compiled = ov.Core().compile_model(str(onnx_file), "CPU", config)
+                request = compiled.create_infer_request()
+
+                def run(inp, request=request):
+                    return torch.from_numpy(request.infer({0: inp.numpy()})[0].copy())
+            else:
+                import onnxruntime as ort
+
+                options = ort.SessionOptions()
+                options.intra_op_num_threads = spec["threads"]
+                session = ort.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
+
+                def run(inp, session=session):
+                    return torch.from_numpy(session.run(None, {"image": inp.numpy()})[0])
+    build = time.perf_counter() - start
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    first_start = time.perf_counter()
+    out = run(x)
+    sync()
+    first = time.perf_counter() - first_start
+    times = []
+    for _ in range(spec["repeats"]):
+        t = time.perf_counter()
+        run(x)
+        sync()
+        times.append((time.perf_counter() - t) / x.shape[0])
+    np.save(work / f"{spec['model']}-{row.replace(' ', '_')}.npy", out[:1].float().cpu().numpy())
+    peak = peak_rss_mib()
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return {"build_s": build, "first_run_s": first, "times": times, "rss_model_mib": rss_model,
+            "peak_rss_mib": peak, "batch": int(x.shape[0])}
+
+
+def run_row(spec: dict) -> Optional[dict]:
+    """Run `worker(spec)` in a fresh Python process; None (and a note) when the row cannot run here."""
+    result_file = Path(spec["work"]) / "result.json"
+    if result_file.exists():
+        result_file.unlink()
+    code = (f"import json, sys; sys.path.insert(0, {str(REPO)!r}); sys.argv = ['bench_encoder'];"
+            f"import importlib.util as u; s = u.spec_from_file_location('bench', {str(Path(__file__).resolve())!r});"
+            f"m = u.module_from_spec(s); s.loader.exec_module(m);"
+            f"r = m.worker(json.loads({json.dumps(json.dumps(spec))}));"
+            f"open({str(result_file)!r}, 'w').write(json.dumps(r))")
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode != 0 or not result_file.exists():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()
+        reason = next((line for line in reversed(tail) if line.strip()), "failed")
+        print(f"    {spec['row']}: skipped ({reason[:160]})", flush=True)
+        return None
+    return json.loads(result_file.read_text())
 
 
 # --------------------------------------------------------------------------- #
@@ -326,185 +289,128 @@ def load_text() -> str:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="vit_b", choices=("vit_b", "vit_l", "vit_h"))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per encoder and mode (median reported)")
-    parser.add_argument("--images", type=int, default=2, help="shared photos for the mask effect (0: skip it)")
-    parser.add_argument("--out", default=str(REPO / "runs" / "bench_encoder"), help="folder for the CSVs and the chart")
-    parser.add_argument("--modes", default=None,
-                        help="comma-separated precisions (default: fp32,bf16 on CPU; fp32,fp16,bf16 on CUDA)")
-    parser.add_argument("--reduced-timing", default="auto", choices=("auto", "full", "blocks"),
-                        help="reduced modes: whole forwards, or the per-block estimate (auto: estimate on a CPU "
-                             "without native bf16, where a full official forward takes minutes)")
-    parser.add_argument("--estimate-repeats", type=int, default=1, help="passes of the per-block estimate")
-    parser.add_argument("--checkpoint", default=None, help="real weights for both encoders instead of random ones")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="vit_t,vit_b", help="comma-separated model types (default vit_t,vit_b)")
+    parser.add_argument("--rows", default=",".join(DEFAULT_ROWS),
+                        help=f"comma-separated rows (default all but the last of: {', '.join(ROWS)})")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per row after one warm-up (default 5)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help=f"CPU threads for every runtime (default torch's: {torch.get_num_threads()})")
+    parser.add_argument("--batch-size", type=int, default=1, help="images per encoder call in our rows (default 1)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: on a GPU only the torch rows run, "
+                        "and peak memory is the GPU's (torch.cuda.max_memory_allocated)")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+                        help="precision of the torch rows (autocast; fp16 on GPU only); the compiled rows run fp32")
+    parser.add_argument("--checkpoint", default=None, help="real weights (one model only) instead of random ones")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    parser.add_argument("--img-size", type=int, default=1024, help="input side (default 1024; smaller only for a "
-                        "quick smoke run with random weights)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--img-size", type=int, default=1024, help="input side (1024; 256 for a quick ViT check)")
+    parser.add_argument("--out", default=str(REPO / "runs" / "bench_encoder"), help="folder for the CSV and JSON")
     return parser.parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA device is available")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    modes = args.modes.split(",") if args.modes else (["fp32", "bf16"] if device.type == "cpu" else ["fp32", "fp16", "bf16"])
-    if "fp32" not in modes:
-        modes = ["fp32", *modes]
-    from sam.predictor import autocast_context
-
-    for mode in modes:
-        try:
-            autocast_context(device, mode)
-        except ValueError as exc:
-            sys.exit(f"--modes: {exc}")
-    reduced = [m for m in modes if m != "fp32"]
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        sys.exit(f"--rows: unknown {unknown}; choose from {list(ROWS)}")
+    if args.checkpoint and len(models) != 1:
+        sys.exit("--checkpoint needs exactly one model in --models")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    if device.type == "cuda":
-        hardware = torch.cuda.get_device_name(device)
-    else:
-        hardware = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, " \
-                   f"{torch.backends.cpu.get_cpu_capability()}"
-    print(f"bench_encoder: {args.model} at {args.img_size} x {args.img_size} on {device} ({hardware}), torch {torch.__version__}")
-    for m in reduced:
-        if not native_reduced_precision(device, m):
-            print(f"  note: this CPU has no native {m} arithmetic (oneDNN bf16 check is False): {m} is emulated "
-                  "and slower than fp32 here")
-    print(f"  {load_text()} at start")
+    versions = [f"torch {torch.__version__}"]
+    for name in ("openvino", "onnxruntime"):
+        try:
+            versions.append(f"{name} {__import__(name).__version__}")
+        except ImportError:
+            versions.append(f"{name} not installed")
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    hardware = f"{cpu}, {os.cpu_count()} logical CPUs, {args.threads} threads, {torch.backends.cpu.get_cpu_capability()}"
+    if args.device != "cpu":
+        if not torch.cuda.is_available():
+            sys.exit(f"--device {args.device}: no CUDA device is available")
+        hardware += f"; {torch.cuda.get_device_name(0)}, torch rows on {args.device} in {args.precision}"
+    load = "load average %.2f %.2f %.2f" % os.getloadavg() if hasattr(os, "getloadavg") else ""
+    print(f"bench_encoder {time.strftime('%Y-%m-%d')}: {hardware}; {', '.join(versions)}; {load}")
+    peak = sgemm_peak(args.threads, device=args.device)
+    print(f"  measured sgemm peak: {peak:.0f} GFLOP/s (torch.mm 4096^2 fp32 on {args.device}"
+          f"{'' if args.device != 'cpu' else f', {args.threads} threads'})", flush=True)
+    torch.set_num_threads(args.threads)
 
-    start = time.perf_counter()
-    if args.checkpoint and args.img_size != 1024:
-        sys.exit("--checkpoint needs --img-size 1024")
-    ours, official = build_models(args.model, args.checkpoint, args.seed, device, args.img_size)
-    weights = f"checkpoint {args.checkpoint}" if args.checkpoint else f"random weights (seed {args.seed})"
-    images = shared_images(args.images if args.images > 0 else 1)
-    if images:
-        from persam.io import load_image
+    results: List[dict] = []
+    with tempfile.TemporaryDirectory(prefix="bench_encoder_") as work:
+        for model_type in models:
+            ours = our_model(model_type, args.checkpoint, args.seed, args.img_size)
+            flops = count_flops(ours.image_encoder, ours.image_encoder.img_size)
+            limit = flops / (peak * 1e9)
+            weights = f"checkpoint {args.checkpoint}" if args.checkpoint else f"random weights (seed {args.seed})"
+            print(f"\n{model_type}, {args.img_size} x {args.img_size}, {weights}: {flops / 1e9:.1f} GFLOP per image, "
+                  f"limit {limit:.2f} s at the sgemm peak", flush=True)
+            del ours
+            measured: Dict[str, dict] = {}
+            for row in rows:
+                spec = {"row": row, "model": model_type, "checkpoint": args.checkpoint, "seed": args.seed,
+                        "img_size": args.img_size, "threads": args.threads, "repeats": max(1, args.repeats),
+                        "batch_size": max(1, args.batch_size), "work": work, "device": args.device,
+                        "precision": args.precision}
+                print(f"  {row} ...", flush=True)
+                result = run_row(spec)
+                if result is not None:
+                    measured[row] = result
+            reference = np.load(Path(work) / f"{model_type}-ours_torch.npy") if "ours torch" in measured else None
+            base = measured.get("plain openvino")
+            base_s = statistics.median(base["times"]) if base else float("nan")
+            for row, r in measured.items():
+                median = statistics.median(r["times"])
+                output = np.load(Path(work) / f"{model_type}-{row.replace(' ', '_')}.npy")
+                results.append({
+                    "model": model_type, "row": row, "batch": r["batch"], "s_per_image": round(median, 4),
+                    "s_min": round(min(r["times"]), 4), "runs": len(r["times"]),
+                    "one_time_s": round(r["build_s"], 2) if row not in ("ours torch", "ref torch") else None,
+                    "first_run_s": round(r["first_run_s"], 3),
+                    "max_diff_vs_ours_torch": None if reference is None else float(np.abs(output - reference).max()),
+                    "peak_rss_mib": round(r["peak_rss_mib"]), "model_rss_mib": round(r["rss_model_mib"]),
+                    "ratio_to_openvino": round(median / base_s, 3) if base else None,
+                    "ratio_to_limit": round(median / limit, 2), "gflop": round(flops / 1e9, 1),
+                    "limit_s": round(limit, 3), "sgemm_gflops": round(peak, 1),
+                })
+            print_table([r for r in results if r["model"] == model_type])
 
-        x = encoder_input(ours, load_image(images[0]), device)
-        input_name = f"{images[0].parent.name}/{images[0].name}"
-    else:
-        x = torch.randn(1, 3, args.img_size, args.img_size, generator=torch.Generator().manual_seed(args.seed)).to(device)
-        input_name = "seeded random noise"
-    print(f"  built both encoders ({weights}) in {time.perf_counter() - start:.1f} s; input: {input_name}")
-    encoders = {"official": official.image_encoder, "ours": ours.image_encoder}
-
-    results: Dict[str, Dict[str, List[float]]] = {}
-    methods: Dict[str, str] = {}
-    loads: Dict[str, float] = {}
-    for mode in modes:
-        by_blocks = mode != "fp32" and (
-            args.reduced_timing == "blocks"
-            or (args.reduced_timing == "auto" and not native_reduced_precision(device, mode))
-        )
-        print(f"  timing {mode} ({'per-block estimate' if by_blocks else 'full forwards'}) ...", flush=True)
-        if by_blocks:
-            results[mode] = time_by_blocks(encoders, x, device, mode, max(1, args.estimate_repeats))
-            methods[mode] = "est."
-        else:
-            results[mode], outputs = time_full(encoders, x, device, mode, max(1, args.repeats))
-            methods[mode] = "full"
-            diff = (outputs["ours"].float() - outputs["official"].float()).abs().max().item()
-            print(f"    {mode}: max |ours - official| on the embedding = {diff:.2e}")
-        loads[mode] = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-
-    baseline = statistics.median(results["fp32"]["official"])
-    baseline_min = min(results["fp32"]["official"])
-    rows = []
-    for mode in modes:
-        official_median = statistics.median(results[mode]["official"])
-        for name in ENCODERS:
-            times = results[mode][name]
-            median = statistics.median(times)
-            rows.append({
-                "device": args.device,
-                "model": args.model,
-                "mode": mode if mode == "fp32" else f"{mode}-autocast",
-                "encoder": name,
-                "seconds_median": round(median, 4),
-                "seconds_min": round(min(times), 4),
-                "runs": len(times),
-                "timing": methods[mode],
-                "speedup_vs_official_fp32": round(baseline / median, 3),
-                "speedup_vs_official_fp32_min": round(baseline_min / min(times), 3),
-                "official_over_ours_same_mode": round(official_median / statistics.median(results[mode]["ours"]), 3),
-                "load_avg_1m": round(loads[mode], 2),
-            })
-
-    mask_rows: List[dict] = []
-    encode_seconds: Dict[str, List[float]] = {}
-    if args.images > 0 and reduced:
-        mask_images = shared_images(args.images)
-        if mask_images:
-            print(f"  mask effect on {len(mask_images)} shared image(s) ...", flush=True)
-            mask_rows, encode_seconds = mask_effect(ours, mask_images, reduced)
-        else:
-            print(f"  mask effect skipped: no shared images under {SHARED_DATA}")
-
-    # ---- report ----
-    print()
-    print(f"{args.model} image encoder, {args.img_size} x {args.img_size}, {device} ({hardware}); {weights}; {load_text()} at end")
-    header = (f"{'mode':<14} {'encoder':<9} {'s/image':>9} {'min':>8} {'runs':>4}  {'timing':<6} "
-              f"{'x official fp32':>15} {'(of mins)':>9} {'official/ours':>13}")
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        print(f"{r['mode']:<14} {r['encoder']:<9} {r['seconds_median']:>9.2f} {r['seconds_min']:>8.2f} {r['runs']:>4}  "
-              f"{r['timing']:<6} {r['speedup_vs_official_fp32']:>14.2f}x {r['speedup_vs_official_fp32_min']:>8.2f}x "
-              f"{r['official_over_ours_same_mode']:>12.2f}x")
-    print("s/image: median of the runs; x official fp32: official fp32 median / this median, (of mins): the same "
-          "with the fastest runs, less sensitive to load from other processes; official/ours: within the mode")
-    if any(m == "est." for m in methods.values()):
-        print("est.: embed + n_windowed x (one windowed block) + n_global x (one global block) + neck, one pass each")
-    for mode, seconds in encode_seconds.items():
-        if mode != "fp32" and seconds:
-            print(f"ours {mode} measured in SamPredictor.set_image (full forward + preprocessing): "
-                  f"median {statistics.median(seconds):.2f} s over {len(seconds)} image(s), "
-                  f"{baseline / statistics.median(seconds):.2f}x official fp32")
-
-    if mask_rows:
-        print()
-        print("Mask effect of the reduced mode (our predictor, fp32 vs reduced encoder, same decoder in fp32):")
-        print("  " + ("random weights: the masks are arbitrary shapes, but fp32-vs-reduced agreement is still a "
-                      "fair measure of the reduced precision's effect" if not args.checkpoint else "real weights"))
-        for mode in reduced:
-            mode_rows = [r for r in mask_rows if r["mode"] == mode]
-            by_image: Dict[str, List[dict]] = {}
-            for r in mode_rows:
-                by_image.setdefault(r["image"], []).append(r)
-            for image, image_rows in by_image.items():
-                ious = [r["iou_vs_fp32"] for r in image_rows]
-                print(f"  {mode:<5} {image:<40} embedding rel. err {image_rows[0]['embedding_rel_err']:.2e}   "
-                      f"mask IoU mean {np.mean(ious):.4f} min {np.min(ious):.4f} ({len(ious)} masks, "
-                      f"{len(PROMPTS)} one-point prompts x 3 outputs)")
-            ious = [r["iou_vs_fp32"] for r in mode_rows]
-            print(f"  {mode:<5} all images: mask IoU mean {np.mean(ious):.4f}, min {np.min(ious):.4f}")
-
-    write_csv(out_dir / "bench_encoder.csv", rows)
-    write_csv(out_dir / "bench_masks.csv", mask_rows)
-    backend = draw_chart(out_dir / "bench_encoder.png", rows,
-                         f"{args.model} encoder, {args.img_size} px, {device} ({hardware}); {load_text()}")
-
-    print()
-    ours_fp32 = next(r for r in rows if r["mode"] == "fp32" and r["encoder"] == "ours")
-    fast = max((r for r in rows if r["mode"] != "fp32" and r["encoder"] == "ours"),
-               key=lambda r: r["speedup_vs_official_fp32"], default=None)
-    print(f"goal: ours fp32 not slower than official fp32: {ours_fp32['speedup_vs_official_fp32']:.2f}x -> "
-          f"{'met' if ours_fp32['speedup_vs_official_fp32'] >= 1.0 else 'NOT met'}")
-    if fast is not None:
-        print(f"goal: ours fast mode >= 2x official fp32: best is {fast['mode']} at "
-              f"{fast['speedup_vs_official_fp32']:.2f}x ({fast['timing']}) -> "
-              f"{'met' if fast['speedup_vs_official_fp32'] >= 2.0 else 'NOT met'}")
-    print(f"wrote {out_dir / 'bench_encoder.csv'}, {out_dir / 'bench_masks.csv'} and {out_dir / 'bench_encoder.png'} "
-          f"({backend}) in {time.perf_counter() - start:.0f} s")
+    with open(out_dir / "bench_encoder.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(results[0]) if results else ["model"])
+        writer.writeheader()
+        writer.writerows(results)
+    (out_dir / "bench_encoder.json").write_text(json.dumps(
+        {"date": time.strftime("%Y-%m-%d %H:%M"), "hardware": hardware, "versions": versions,
+         "sgemm_gflops": peak, "rows": results}, indent=1))
+    print(f"\nwrote {out_dir / 'bench_encoder.csv'} and {out_dir / 'bench_encoder.json'}")
     return 0
+
+
+def print_table(rows: List[dict]) -> None:
+    header = (f"  {'row':<26} {'s/image':>8} {'min':>7} {'x OpenVINO':>10} {'x limit':>8} {'one-time s':>10} "
+              f"{'max diff':>9} {'peak MiB':>9}")
+    print(header)
+    print("  " + "-" * (len(header) - 2))
+    for r in rows:
+        def fmt(value, spec, width):
+            return f"{value:{spec}}".rjust(width) if value is not None else "-".rjust(width)
+
+        name = r["row"] + (f" (batch {r['batch']})" if r["batch"] > 1 else "")
+        print(f"  {name:<26} "
+              f"{r['s_per_image']:>8.3f} {r['s_min']:>7.3f} {fmt(r['ratio_to_openvino'], '.2f', 10)} "
+              f"{r['ratio_to_limit']:>8.2f} {fmt(r['one_time_s'], '.1f', 10)} {fmt(r['max_diff_vs_ours_torch'], '.1e', 9)} "
+              f"{r['peak_rss_mib']:>9}")
+    print("  s/image: median; x OpenVINO: / plain openvino's median; x limit: / (FLOPs / sgemm peak); one-time: "
+          "export + conversion + compilation (ours: once, then cached); max diff: embedding vs ours torch; "
+          "peak MiB: the row process's peak resident memory (torch model included; on a GPU: GPU memory)")
 
 
 if __name__ == "__main__":

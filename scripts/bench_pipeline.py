@@ -1,87 +1,267 @@
-"""Time each step of PerSAM / PerSAM-F per image on this machine.
+"""Time each step of `persam segment` per photo on this machine, and the whole command.
 
-    python scripts/bench_pipeline.py [--model vit_t] [--checkpoint PATH] [--device cpu] [--precision fp32]
-                                     [--class cat] [--repeats 2]
+    python scripts/bench_pipeline.py [--model vit_t] [--checkpoint PATH] [--backend auto] [--precision fp32]
+                                     [--photos DIR] [--ref-class cat] [--repeats 2] [--batch-size 1]
+                                     [--method persam|persam_f] [--threads N] [--no-cli] [--finetune]
 
-Learns the concept from a shared PerSeg reference, then on each test image of
-the class times: encode (the image encoder, once per image), locate
-(similarity map and points), decode + refine (guided decoding and the two
-refinements), and, once per reference, PerSAM-F fine-tuning (1000 steps) at
-the native and at full resolution. Random weights when no checkpoint is given:
-the work, and so the time, is the same.
+The concept is learned from a shared PerSeg reference (--ref-class, photo 00 and its mask);
+then every photo of --photos (default the shared DreamBooth dog photos, 780 px) goes through
+the steps of `persam segment`, each timed:
+
+    load       decode the JPEG (persam.io.load_image)
+    encode     the image encoder (--backend; with --batch-size B, B photos per encoder call,
+               time per photo)
+    locate     similarity map at full size, prompt points, guidance (PerSAM)
+    decode     the prompt encoder + mask decoder calls (guided + two refinements), of which
+               "upscale" is bringing low-res maps to the photo's size
+    outputs    the overlay JPEG and mask PNG, encoded to bytes as the command writes them
+
+and reports the median per photo, with locate + decode (the issue's "locate + decode +
+refinements") and the sum. One-time costs are printed apart: model loading, the backend's
+build or cache load, learning the concept (and PerSAM-F's fine-tuning with --finetune).
+Then, unless --no-cli, `persam segment` itself runs twice in this process on copies of the
+photos (once on one photo, once on all) and the difference of the two wall times per extra
+photo is the command's time per photo, everything included but model loading.
+Random weights when no checkpoint is given: the work, and so the time, is nearly the same
+(random masks may skip the box refinement; the number of decoder calls is printed).
 """
 
 import argparse
+import atexit
+import contextlib
+import io
+import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from persam.finetune import FinetuneSettings
-from persam.guide import attention_similarity, guided_prediction
-from persam.io import load_image, load_mask
-from persam.locate import select_points, similarity_grid, similarity_map
-from persam.pipeline import Concept, learn_concept, learn_concept_weights
-from persam.refine import best_mask, refine_with_box, refine_with_mask
-from sam.build import build_sam, build_sam_model
-from sam.predictor import SamPredictor
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "perseg_subset"
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+sys.path.insert(0, str(REPO / "tests"))
 
 
-def timed(function, *args):
+class Stopwatch:
+    """Accumulates the seconds spent in wrapped callables (re-entrant calls are counted once)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.calls = 0
+        self._depth = 0
+
+    def wrap(self, function):
+        def timed(*args, **kwargs):
+            if self._depth:
+                return function(*args, **kwargs)
+            self._depth += 1
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self._depth -= 1
+                self.seconds += time.perf_counter() - start
+                self.calls += 1
+
+        return timed
+
+    def take(self):
+        seconds, calls = self.seconds, self.calls
+        self.seconds, self.calls = 0.0, 0
+        return seconds, calls
+
+
+def build(args):
+    """(predictor, checkpoint path, one-time seconds by name)."""
+    from persam.models import build_predictor
+
+    one_time = {}
     start = time.perf_counter()
-    result = function(*args)
-    return result, time.perf_counter() - start
+    checkpoint = args.checkpoint
+    if checkpoint is None:  # a random-weights checkpoint file, so that the command line can load it too
+        from sam.build import build_sam_model
+        from sam_testing import random_state_dict
+
+        folder = tempfile.mkdtemp(prefix="bench_pipeline_")
+        atexit.register(shutil.rmtree, folder, True)
+        checkpoint = Path(folder) / f"{args.model}-random.pt"
+        torch.save(random_state_dict(build_sam_model(args.model), seed=0), checkpoint)
+    predictor = build_predictor(args.model, Path(checkpoint), "cpu", args.precision, args.backend)
+    one_time["model load"] = time.perf_counter() - start
+    start = time.perf_counter()
+    runner = predictor.prepare()
+    one_time[f"backend {predictor.backend} (build or cache load)"] = time.perf_counter() - start
+    if getattr(runner, "build_seconds", 0.0):
+        one_time[f"  of which the one-time {predictor.backend} export"] = runner.build_seconds
+    return predictor, Path(checkpoint), one_time
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="vit_t")
     parser.add_argument("--checkpoint", default=None)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backend", default="auto", help="auto, torch, openvino, onnxruntime (default auto)")
     parser.add_argument("--precision", default="fp32")
-    parser.add_argument("--class", dest="class_name", default="cat")
-    parser.add_argument("--repeats", type=int, default=1, help="passes over the test images")
+    parser.add_argument("--photos", default=str(SHARED / "dreambooth" / "dog"), help="folder of target photos")
+    parser.add_argument("--ref-class", default="cat", help="PerSeg class of the reference (photo 00)")
+    parser.add_argument("--method", default="persam", choices=("persam", "persam_f"))
+    parser.add_argument("--repeats", type=int, default=2, help="passes over the photos (default 2)")
+    parser.add_argument("--batch-size", type=int, default=1, help="photos per encoder call (default 1)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default torch's)")
+    parser.add_argument("--finetune", action="store_true", help="also time PerSAM-F fine-tuning (1000 steps)")
+    parser.add_argument("--no-cli", action="store_true", help="skip the end-to-end `persam segment` runs")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print torch's operator profile of locate + decode (where the time goes)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
-    model = build_sam(args.model, args.checkpoint, args.device) if args.checkpoint else build_sam_model(args.model).to(args.device)
-    predictor = SamPredictor(model, precision=args.precision)
-    images = sorted((SHARED / "Images" / args.class_name).glob("*.jpg"))
-    reference_image = load_image(images[0])
-    reference_mask = load_mask(SHARED / "Annotations" / args.class_name / (images[0].stem + ".png"))
-    concept = learn_concept(predictor, [(reference_image, reference_mask)])
-    encoded = [(predictor.features, predictor.original_size)]
+    from persam.guide import attention_similarity, guided_prediction
+    from persam.io import encode_png, load_image, load_mask
+    from persam.locate import select_points, similarity_grid, similarity_map
+    from persam.pipeline import learn_concept
+    from persam.refine import best_mask, mixed_mask, refine_with_box, refine_with_mask
+    from persam.visualize import overlay
 
-    times = {"encode": [], "locate": [], "decode + refine": []}
+    predictor, checkpoint, one_time = build(args)
+    reference = SHARED / "perseg_subset" / "Images" / args.ref_class / "00.jpg"
+    reference_mask = SHARED / "perseg_subset" / "Annotations" / args.ref_class / "00.png"
+    start = time.perf_counter()
+    concept = learn_concept(predictor, [(load_image(reference), load_mask(reference_mask))], method=args.method)
+    one_time[f"learn ({args.method})"] = time.perf_counter() - start
+    photos = sorted(p for p in Path(args.photos).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    if not photos:
+        sys.exit(f"no photos in {args.photos}")
+
+    decoder, upscale = Stopwatch(), Stopwatch()
+    model = predictor.model
+    model.mask_decoder.forward = decoder.wrap(model.mask_decoder.forward)
+    model.prompt_encoder.forward = decoder.wrap(model.prompt_encoder.forward)
+    model.postprocess_masks = upscale.wrap(model.postprocess_masks)
+
+    steps = {name: [] for name in ("load", "encode", "locate", "decode", "  upscale", "outputs")}
+    decoder_calls = []
+    profiler = contextlib.nullcontext()
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        profiler = profile(activities=[ProfilerActivity.CPU], record_shapes=True)
     for _ in range(args.repeats):
-        for path in images[1:]:
-            image = load_image(path)
-            _, seconds = timed(predictor.set_image, image)
-            times["encode"].append(seconds)
-            start = time.perf_counter()
-            similarity = similarity_map(similarity_grid(predictor.features, concept.target_vector), predictor.upscale)
-            points, labels = select_points(similarity, 1, 1)
-            attention = attention_similarity(similarity, predictor.input_size, predictor.features.shape[-1], model.img_size)
-            times["locate"].append(time.perf_counter() - start)
-            start = time.perf_counter()
-            choice = best_mask(guided_prediction(predictor, points, labels, attention, concept.target_embedding))
-            choice = refine_with_box(predictor, points, labels, refine_with_mask(predictor, points, labels, choice))
-            times["decode + refine"].append(time.perf_counter() - start)
+        for first in range(0, len(photos), args.batch_size):
+            chunk = photos[first:first + args.batch_size]
+            loaded = []
+            for path in chunk:
+                t = time.perf_counter()
+                loaded.append(load_image(path))
+                steps["load"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            embeddings = predictor.encode_images(loaded)
+            steps["encode"].extend([(time.perf_counter() - t) / len(chunk)] * len(chunk))
+            for image, embedding in zip(loaded, embeddings):
+                predictor.set_embedding(*embedding)
+                upscale.take()
+                t = time.perf_counter()
+                similarity = similarity_map(similarity_grid(predictor.features, concept.target_vector), predictor.upscale)
+                if concept.method == "persam":
+                    points, labels = select_points(similarity, 1, 1)
+                    attention = attention_similarity(similarity, predictor.input_size, predictor.features.shape[-1],
+                                                     model.img_size)
+                steps["locate"].append(time.perf_counter() - t)
+                decoder.take()
+                t = time.perf_counter()
+                with profiler if (args.profile and len(steps["decode"]) == 1) else contextlib.nullcontext():
+                    if concept.method == "persam":
+                        choice = best_mask(guided_prediction(predictor, points, labels, attention,
+                                                             concept.target_embedding))
+                        choice = refine_with_box(predictor, points, labels,
+                                                 refine_with_mask(predictor, points, labels, choice))
+                    else:
+                        points, labels = select_points(similarity, 1, 0)
+                        choice = mixed_mask(predictor.predict(points, labels, multimask_output=True),
+                                            concept.scale_weights)
+                        choice = refine_with_box(predictor, points, labels,
+                                                 refine_with_box(predictor, points, labels, choice))
+                steps["decode"].append(time.perf_counter() - t)
+                steps["  upscale"].append(upscale.take()[0])
+                decoder_calls.append(decoder.take()[1] // 2)  # prompt encoder + mask decoder per call
+                t = time.perf_counter()
+                picture = overlay(image, [choice.mask] if choice.mask.any() else [], points, labels, None)
+                import cv2
 
-    persam_f = Concept("persam_f", concept.target_vector, concept.target_embedding)
-    for resolution in ("native", "full"):
-        settings = FinetuneSettings(loss_resolution=resolution)
-        _, seconds = timed(learn_concept_weights, predictor, persam_f, [(reference_image, reference_mask)], encoded, settings)
-        times[f"fine-tune ({resolution}, 1000 steps)"] = [seconds]
+                cv2.imencode(".jpg", cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
+                encode_png(np.asarray(choice.mask, dtype=bool))
+                steps["outputs"].append(time.perf_counter() - t)
 
-    print(f"{args.model} on {args.device} ({args.precision}), torch threads {torch.get_num_threads()}, "
-          f"class {args.class_name}: {len(images) - 1} test images x {args.repeats}")
-    for step, values in times.items():
-        print(f"  {step:<32} {statistics.median(values):8.3f} s  (median of {len(values)})")
+    if args.finetune:
+        from persam.finetune import FinetuneSettings
+        from persam.pipeline import Concept, learn_concept_weights
+
+        persam_f = Concept("persam_f", concept.target_vector, concept.target_embedding)
+        references = [(load_image(reference), load_mask(reference_mask))]
+        encoded = [(predictor.set_image(references[0][0]).clone(), predictor.original_size)]
+        for resolution in ("native", "full"):
+            t = time.perf_counter()
+            learn_concept_weights(predictor, persam_f, references, encoded, FinetuneSettings(loss_resolution=resolution))
+            one_time[f"PerSAM-F fine-tune ({resolution}, 1000 steps)"] = time.perf_counter() - t
+
+    size = load_image(photos[0]).shape
+    print(f"{time.strftime('%Y-%m-%d')}: {args.model}, backend {predictor.backend}, {args.precision}, "
+          f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs; method {concept.method}; "
+          f"{len(photos)} photos of {Path(args.photos).name} ({size[1]} x {size[0]} first) x {args.repeats}, "
+          f"batch {args.batch_size}; decoder calls per photo: {statistics.median(decoder_calls):.0f}")
+    print("one-time:")
+    for name, seconds in one_time.items():
+        print(f"  {name:<44} {seconds:8.3f} s")
+    print("per photo (median):")
+    medians = {name: statistics.median(values) for name, values in steps.items()}
+    for name, value in medians.items():
+        print(f"  {name:<44} {value:8.3f} s")
+    print(f"  {'locate + decode (+ refinements)':<44} {medians['locate'] + medians['decode']:8.3f} s")
+    total = sum(v for k, v in medians.items() if not k.startswith(" "))
+    print(f"  {'sum':<44} {total:8.3f} s")
+
+    if args.profile:
+        print("decode, torch operators (one photo):")
+        print(profiler.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=15,
+                                                                      max_name_column_width=40,
+                                                                      max_shapes_column_width=60))
+    if not args.no_cli:
+        cli_per_photo(args, checkpoint, reference, reference_mask, photos)
     return 0
+
+
+def cli_per_photo(args, checkpoint, reference, reference_mask, photos) -> None:
+    """`persam segment` on one photo and on all photos; the difference per extra photo."""
+    from persam import cli
+
+    if len(photos) < 2:
+        return
+    walls = {}
+    with tempfile.TemporaryDirectory(prefix="bench_pipeline_cli_") as work:
+        for count in (1, len(photos)):
+            folder = Path(work) / f"photos{count}"
+            folder.mkdir()
+            for path in photos[:count]:
+                shutil.copy(path, folder / path.name)
+            argv = ["segment", "--ref-image", str(reference), "--ref-mask", str(reference_mask), str(folder),
+                    "--out", str(Path(work) / f"out{count}"), "--model", args.model, "--checkpoint", str(checkpoint),
+                    "--backend", args.backend, "--precision", args.precision, "-q"]
+            if args.method == "persam_f":
+                argv.append("--finetune")
+            start = time.perf_counter()
+            with contextlib.redirect_stdout(io.StringIO()):
+                code = cli.main(argv)
+            walls[count] = time.perf_counter() - start
+            if code not in (0, None):
+                print(f"persam segment exited with {code}")
+                return
+    per_photo = (walls[len(photos)] - walls[1]) / (len(photos) - 1)
+    print(f"persam segment: {walls[1]:.2f} s for 1 photo, {walls[len(photos)]:.2f} s for {len(photos)}: "
+          f"{per_photo:.3f} s per photo, everything included but model loading")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,15 @@
 """Shared test fixtures: paths to ../shared/data and the official segment_anything package."""
 
+import os
 import sys
 import types
 from pathlib import Path
 
 import pytest
+
+# The encoder backend "auto" would pick (OpenVINO / ONNX Runtime when installed) exports each test
+# model into the cache; tests run torch unless they ask for a backend (tests/test_backends.py).
+os.environ.setdefault("PERSAM_BACKEND", "torch")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

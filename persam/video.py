@@ -9,12 +9,22 @@ previous frame's box of the object, grown by `box_margin` px, and its centre
 have the same shape go through the decoder in ONE batched call per stage; the
 objects are then merged per pixel by the highest logit, background where no
 object's logit is > 0.
+
+:class:`VideoTracker` is that per-frame loop, shared by :func:`segment_video` (the DAVIS
+runner) and ``persam track`` (persam.track): it learns the objects on a reference frame (or
+takes concepts learned elsewhere), then :meth:`VideoTracker.track` segments one frame and
+reports per object whether it was found, its peak similarity, predicted IoU and box. With
+``min_similarity`` an object whose peak similarity in a frame is below it is not decoded
+there (not found, no forced mask); :meth:`VideoTracker.restart` continues after a frame
+whose label map is known (resuming an interrupted run).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import time
 
 import numpy as np
 import torch
@@ -28,7 +38,8 @@ from .locate import select_points, similarity_grid, similarity_map
 from .pipeline import METHODS, Concept, learn_concept
 from .refine import MaskChoice, best_mask, keep_non_empty, mask_box, mixed_mask
 
-__all__ = ["segment_video", "masks_from_label_map", "merge_by_logits", "grow_box", "VideoPrompt"]
+__all__ = ["segment_video", "masks_from_label_map", "merge_by_logits", "grow_box", "VideoPrompt", "VideoTracker",
+           "FrameResult", "ObjectResult", "learn_concepts"]
 
 
 @dataclass
@@ -102,6 +113,184 @@ def _choice_logits(choice: MaskChoice) -> np.ndarray:
     return np.where(choice.mask, 1.0, -1.0).astype(np.float32)
 
 
+@dataclass
+class ObjectResult:
+    """One object in one frame."""
+
+    found: bool  # it has pixels in the frame's label map
+    peak_similarity: Optional[float]  # highest target similarity of the object's concept in the frame
+    iou_score: Optional[float]  # the decoder's predicted IoU; None when not decoded (reference, below min_similarity)
+    box: Optional[np.ndarray]  # x0, y0, x1, y1 of its pixels in the label map; None when not found
+
+
+@dataclass
+class FrameResult:
+    """One frame: the merged label map and every object's result."""
+
+    label_map: np.ndarray  # H x W int32, 0 background
+    objects: Dict[int, ObjectResult]
+    reference: bool = False  # the reference frame: the given masks, not predicted
+    encode_s: float = 0.0
+    segment_s: float = 0.0  # locate + decode + merge
+
+
+def _check_masks(masks: Mapping[int, np.ndarray], shape: Optional[Tuple[int, int]] = None) -> Dict[int, np.ndarray]:
+    """{id: bool mask} sorted by id, checked: ids positive, masks non-empty and of the frame's size."""
+    ids = sorted(int(i) for i in masks)
+    if not ids:
+        raise ValueError("segment_video needs at least one object mask for the first frame")
+    for i in ids:
+        if i <= 0:
+            raise ValueError(f"object ids must be positive (0 is background), got {i}")
+        if not np.any(masks[i]):
+            raise ValueError(f"the first-frame mask of object {i} is empty")
+    checked = {}
+    for i in ids:
+        mask = np.asarray(masks[i]).astype(bool)
+        if shape is not None and mask.shape != tuple(shape):
+            raise ValueError(f"the mask of object {i} is {mask.shape[1]}x{mask.shape[0]} but the frame is {shape[1]}x{shape[0]}")
+        checked[i] = mask
+    return checked
+
+
+def _peak(predictor: SamPredictor, features: torch.Tensor, concept: Concept) -> float:
+    return float(similarity_map(similarity_grid(features, concept.target_vector), predictor.upscale).max())
+
+
+def learn_concepts(
+    predictor: SamPredictor,
+    image: np.ndarray,
+    masks: Mapping[int, np.ndarray],
+    method: str = "persam",
+    finetune: Optional[FinetuneSettings] = None,
+    encoded: Optional[Tuple[torch.Tensor, Tuple[int, int]]] = None,
+) -> Dict[int, Concept]:
+    """One concept per object ({id: H x W bool mask} on `image`, RGB uint8), the image encoded once
+    (not at all when `encoded`, its (features, original size), is given)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
+    image = np.asarray(image)
+    masks = _check_masks(masks, image.shape[:2])
+    if encoded is None:
+        encoded = (predictor.set_image(image), predictor.original_size)
+    encoded = [encoded]
+    return {i: learn_concept(predictor, [(image, masks[i])], method=method, finetune=finetune, encoded=encoded)
+            for i in masks}
+
+
+class VideoTracker:
+    """PerSAM's per-frame video loop (see the module doc): every frame encoded once, all objects
+    decoded together per stage, merged by the highest logit, prompted with the previous frame's
+    box of each object.
+
+        tracker, first = VideoTracker.learn(predictor, frame0, {1: mask})   # or VideoTracker(predictor, concepts)
+        for frame in frames:
+            result = tracker.track(frame)        # FrameResult: label map, per-object found / peak / IoU / box
+    """
+
+    def __init__(
+        self,
+        predictor: SamPredictor,
+        concepts: Mapping[int, Concept],
+        use_previous_box: bool = True,
+        box_margin: float = 10.0,
+        k_positive: int = 2,
+        min_similarity: Optional[float] = None,
+    ) -> None:
+        self.ids = sorted(int(i) for i in concepts)
+        if not self.ids:
+            raise ValueError("VideoTracker needs at least one object")
+        for i in self.ids:
+            if i <= 0:
+                raise ValueError(f"object ids must be positive (0 is background), got {i}")
+        self.predictor = predictor
+        self.concepts = {i: concepts[i] for i in self.ids}
+        self.use_previous_box = use_previous_box
+        self.box_margin = box_margin
+        self.k_positive = k_positive
+        self.min_similarity = min_similarity
+        self.boxes: Dict[int, Optional[np.ndarray]] = {i: None for i in self.ids}
+        self.shape: Optional[Tuple[int, int]] = None  # H x W of the frames, from the first one seen
+
+    @classmethod
+    def learn(
+        cls,
+        predictor: SamPredictor,
+        frame: np.ndarray,
+        masks: Mapping[int, np.ndarray],
+        method: str = "persam",
+        finetune: Optional[FinetuneSettings] = None,
+        encoded: Optional[Tuple[torch.Tensor, Tuple[int, int]]] = None,
+        **options,
+    ) -> Tuple["VideoTracker", FrameResult]:
+        """A tracker of the objects of `masks` ({id: bool mask}) learned on `frame` (encoded once, or
+        `encoded` already), and that frame's result: the given masks (later ids on top where they
+        overlap), whose boxes prompt the next frame. `options` go to the constructor."""
+        frame = np.asarray(frame)
+        masks = _check_masks(masks, frame.shape[:2])
+        start = time.perf_counter()
+        if encoded is None:
+            encoded = (predictor.set_image(frame), predictor.original_size)
+        encode_s = time.perf_counter() - start
+        concepts = learn_concepts(predictor, frame, masks, method, finetune, encoded)
+        predictor.set_embedding(*encoded)  # the peaks below are this frame's
+        tracker = cls(predictor, concepts, **options)
+        tracker.shape = frame.shape[:2]
+        label_map = np.zeros(tracker.shape, dtype=np.int32)
+        for i in tracker.ids:
+            label_map[masks[i]] = i
+        tracker.boxes = {i: mask_box(masks[i]) for i in tracker.ids}
+        objects = {}
+        for i in tracker.ids:
+            box = mask_box(label_map == i)
+            objects[i] = ObjectResult(box is not None, _peak(predictor, encoded[0], concepts[i]), None, box)
+        return tracker, FrameResult(label_map, objects, True, encode_s, time.perf_counter() - start - encode_s)
+
+    def restart(self, previous: Optional[Union[np.ndarray, Mapping[int, np.ndarray]]]) -> None:
+        """Go on after a frame that is known: its H x W label map, or {id: mask} (a reference frame's
+        masks), gives each object's previous box; None: no previous frame (no boxes)."""
+        if previous is None:
+            self.boxes = {i: None for i in self.ids}
+            return
+        if isinstance(previous, Mapping):
+            self.boxes = {i: mask_box(np.asarray(previous[i], dtype=bool)) if i in previous else None for i in self.ids}
+            return
+        previous = np.asarray(previous)
+        self.boxes = {i: mask_box(previous == i) for i in self.ids}
+
+    def track(self, frame: np.ndarray) -> FrameResult:
+        """Segment every object in `frame` (RGB uint8 H x W x 3, encoded once here)."""
+        frame = np.asarray(frame)
+        if self.shape is None:
+            self.shape = frame.shape[:2]
+        elif frame.shape[:2] != self.shape:
+            shape = self.shape
+            raise ValueError(f"frame size {frame.shape[1]}x{frame.shape[0]} differs from the first frame's {shape[1]}x{shape[0]}")
+        info: Dict[str, object] = {}
+        start = time.perf_counter()
+        choices = _segment_frame(self.predictor, frame, self.ids, self.concepts,
+                                 self.boxes if self.use_previous_box else None, self.box_margin, self.k_positive,
+                                 self.min_similarity, info)
+        decoded = [i for i in self.ids if i in choices]
+        if decoded:
+            label_map = merge_by_logits(decoded, [_choice_logits(choices[i]) for i in decoded])
+        else:
+            label_map = np.zeros(self.shape, dtype=np.int32)
+        peaks = info.get("peaks", {})
+        objects = {}
+        for i in self.ids:
+            self.boxes[i] = mask_box(label_map == i)
+            objects[i] = ObjectResult(
+                found=self.boxes[i] is not None,
+                peak_similarity=peaks.get(i),
+                iou_score=float(choices[i].iou_score) if i in choices else None,
+                box=self.boxes[i],
+            )
+        total = time.perf_counter() - start
+        encode_s = float(info.get("encode_s", 0.0))
+        return FrameResult(label_map, objects, False, encode_s, total - encode_s)
+
+
 def segment_video(
     predictor: SamPredictor,
     frames: Iterable[np.ndarray],
@@ -117,18 +306,12 @@ def segment_video(
     frame (RGB uint8 H x W x 3); yields one H x W int32 label map per frame (0 background).
 
     The first label map is the given masks. Concepts are learned per object on frame 0
-    (`learn_concept`, `method` "persam" or "persam_f"), which is encoded once.
+    (`learn_concept`, `method` "persam" or "persam_f"), which is encoded once. The loop is
+    :class:`VideoTracker`'s.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
-    ids = sorted(int(i) for i in first_masks)
-    if not ids:
-        raise ValueError("segment_video needs at least one object mask for the first frame")
-    for i in ids:
-        if i <= 0:
-            raise ValueError(f"object ids must be positive (0 is background), got {i}")
-        if not np.any(first_masks[i]):
-            raise ValueError(f"the first-frame mask of object {i} is empty")
+    _check_masks(first_masks)
     total = len(frames) if hasattr(frames, "__len__") else None  # type: ignore[arg-type]
     iterator = iter(frames)
     bar = tqdm(total=total, desc="frames", unit="frame", disable=not progress, leave=False)
@@ -137,37 +320,15 @@ def segment_video(
             first = next(iterator)
         except StopIteration:
             return
-        first = np.asarray(first)
-        shape = first.shape[:2]
-        masks = {}
-        for i in ids:
-            mask = np.asarray(first_masks[i]).astype(bool)
-            if mask.shape != shape:
-                raise ValueError(f"the mask of object {i} is {mask.shape[1]}x{mask.shape[0]} but the frame is {shape[1]}x{shape[0]}")
-            masks[i] = mask
-        encoded = [(predictor.set_image(first), predictor.original_size)]
-        concepts = {
-            i: learn_concept(predictor, [(first, masks[i])], method=method, finetune=finetune, encoded=encoded)
-            for i in ids
-        }
-        label_map = np.zeros(shape, dtype=np.int32)
-        for i in ids:
-            label_map[masks[i]] = i
-        boxes: Dict[int, Optional[np.ndarray]] = {i: mask_box(masks[i]) for i in ids}
+        tracker, result = VideoTracker.learn(predictor, first, first_masks, method, finetune,
+                                             use_previous_box=use_previous_box, box_margin=box_margin,
+                                             k_positive=k_positive)
         bar.update(1)
-        yield label_map
-
+        yield result.label_map
         for frame in iterator:
-            frame = np.asarray(frame)
-            if frame.shape[:2] != shape:
-                raise ValueError(f"frame size {frame.shape[1]}x{frame.shape[0]} differs from the first frame's {shape[1]}x{shape[0]}")
-            choices = _segment_frame(predictor, frame, ids, concepts, boxes if use_previous_box else None,
-                                     box_margin, k_positive)
-            label_map = merge_by_logits(ids, [_choice_logits(choices[i]) for i in ids])
-            for i in ids:
-                boxes[i] = mask_box(label_map == i)
+            result = tracker.track(frame)
             bar.update(1)
-            yield label_map
+            yield result.label_map
     finally:
         bar.close()
 
@@ -180,16 +341,28 @@ def _segment_frame(
     previous_boxes: Optional[Mapping[int, Optional[np.ndarray]]],
     box_margin: float,
     k_positive: int,
+    min_similarity: Optional[float] = None,
+    info: Optional[Dict[str, object]] = None,
 ) -> Dict[int, MaskChoice]:
-    """One frame: encode once, locate every object, decode all objects together per stage."""
+    """One frame: encode once, locate every object, decode all objects together per stage.
+
+    An object whose peak similarity is below `min_similarity` is left out (no choice for it).
+    `info`, when given, receives "peaks" ({id: peak similarity}) and "encode_s"."""
+    start = time.perf_counter()
     features = predictor.set_image(frame)
+    if info is not None:
+        info["encode_s"] = time.perf_counter() - start
     height, width = frame.shape[:2]
     grid, img_size = features.shape[-1], predictor.model.img_size
     prompts: Dict[int, VideoPrompt] = {}
+    peaks: Dict[int, float] = {}
     for i in ids:
         concept = concepts[i]
         persam = concept.method == "persam"
         similarity = similarity_map(similarity_grid(features, concept.target_vector), predictor.upscale)
+        peaks[i] = float(similarity.max())
+        if min_similarity is not None and peaks[i] < min_similarity:
+            continue  # absent here: not forced
         points, labels = select_points(similarity, k_positive=k_positive, k_negative=1 if persam else 0)
         box = None
         previous = previous_boxes.get(i) if previous_boxes is not None else None
@@ -203,6 +376,9 @@ def _segment_frame(
             attention=attention_similarity(similarity, predictor.input_size, grid, img_size) if persam else None,
             embedding=concept.target_embedding if persam else None,
         )
+    if info is not None:
+        info["peaks"] = peaks
+    ids = [i for i in ids if i in prompts]
 
     # first prediction
     choices: Dict[int, MaskChoice] = {}

@@ -92,10 +92,13 @@ def target_embedding(target_feats: torch.Tensor) -> torch.Tensor:
 
 
 def reference_mask_from_prompts(
-    predictor, points: Optional[np.ndarray] = None, box: Optional[np.ndarray] = None
+    predictor, points: Optional[np.ndarray] = None, box: Optional[np.ndarray] = None,
+    labels: Optional[np.ndarray] = None,
 ) -> Optional[np.ndarray]:
-    """A reference mask made by SAM from clicks (N x 2, foreground) or a box, on the image set in `predictor`.
+    """A reference mask made by SAM from clicks (N x 2) or a box, on the image set in `predictor`.
 
+    The clicks are on the object unless `labels` (N: 1 on the object, 0 on the
+    background) says otherwise; at least one must be on the object.
     The best-scoring multimask output that is neither empty nor the whole
     image; None when SAM gives no such mask.
     """
@@ -105,7 +108,14 @@ def reference_mask_from_prompts(
         prediction = predictor.predict(box=np.asarray(box, dtype=np.float32), multimask_output=True)
     else:
         points = np.asarray(points, dtype=np.float32).reshape(-1, 2)
-        prediction = predictor.predict(points, np.ones(len(points), dtype=np.int64), multimask_output=True)
+        if labels is None:
+            labels = np.ones(len(points), dtype=np.int64)
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        if len(labels) != len(points):
+            raise ValueError(f"{len(points)} clicks but {len(labels)} labels")
+        if not (labels == 1).any():
+            raise ValueError("at least one click must be on the object (label 1)")
+        prediction = predictor.predict(points, labels, multimask_output=True)
     masks, scores = np.asarray(prediction.masks), np.asarray(prediction.iou_scores)
     for index in np.argsort(-scores, kind="stable"):
         if masks[index].any() and not masks[index].all():

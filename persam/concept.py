@@ -58,6 +58,7 @@ def save_concept(
         "settings_json": settings,
         "model_type": model_type if model_type is not None else concept.model_type,
         "checkpoint_sha256": checkpoint_sha256 if checkpoint_sha256 is not None else concept.checkpoint_sha256,
+        "name": concept.name,
     }
     buffer = io.BytesIO()
     torch.save(record, buffer)
@@ -149,8 +150,8 @@ def _concept_from_record(record: dict, p: Path) -> Concept:
         raise InputError(f"concept {p}: settings are not valid JSON") from None
     if not isinstance(settings, dict):
         raise InputError(f"concept {p}: settings must be a JSON object")
-    model_type, sha = record.get("model_type"), record.get("checkpoint_sha256")
-    for name, value in (("model_type", model_type), ("checkpoint_sha256", sha)):
+    model_type, sha, object_name = record.get("model_type"), record.get("checkpoint_sha256"), record.get("name")
+    for name, value in (("model_type", model_type), ("checkpoint_sha256", sha), ("name", object_name)):
         if value is not None and not isinstance(value, str):
             raise InputError(f"concept {p}: {name} must be a string")
     return Concept(
@@ -161,4 +162,5 @@ def _concept_from_record(record: dict, p: Path) -> Concept:
         settings=settings,
         model_type=model_type,
         checkpoint_sha256=sha,
+        name=object_name,
     )

@@ -28,6 +28,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "atomic_save_png",
+    "encode_png",
 ]
 
 
@@ -42,18 +43,20 @@ class InputError(ValueError):
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
-def _open(path: PathLike, kind: str) -> Tuple[Image.Image, str]:
+def _open(path: PathLike, kind: str, data: Optional[bytes] = None) -> Tuple[Image.Image, str]:
     """Open and fully decode ``path`` with Pillow, EXIF orientation applied.
 
+    With ``data`` (the file's bytes, already read: a remote image) those are decoded and
+    ``path`` only names the file in messages.
     Returns the decoded image and its container format (``"PNG"``, ``"JPEG"``...).
     """
-    p = Path(path)
-    if not p.exists():
+    p = Path(path) if data is None else path
+    if data is None and not p.exists():
         raise InputError(f"{kind} {p}: file not found")
-    if p.is_dir():
+    if data is None and p.is_dir():
         raise InputError(f"{kind} {p}: is a folder, not an image file")
     try:
-        with Image.open(p) as img:
+        with Image.open(p if data is None else io.BytesIO(data)) as img:
             img.load()
             fmt = img.format or ""
             try:
@@ -94,13 +97,14 @@ def _is_uniform(arr: np.ndarray) -> bool:
 # --------------------------------------------------------------------------- #
 
 
-def load_image(path: PathLike) -> np.ndarray:
+def load_image(path: PathLike, data: Optional[bytes] = None) -> np.ndarray:
     """Load an image as an H x W x 3 uint8 RGB array.
 
     Grayscale, palette, CMYK, RGBA (alpha dropped) and 16-bit inputs are converted;
-    the EXIF orientation is applied.
+    the EXIF orientation is applied.  With ``data`` the image is decoded from those bytes
+    (the file read elsewhere, e.g. from an object store) and ``path`` names it in messages.
     """
-    img, _ = _open(path, "image")
+    img, _ = _open(path, "image", data)
     mode = img.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         gray = _sixteen_to_eight(np.asarray(img))
@@ -364,14 +368,16 @@ def atomic_save_png(
     grayscale, uint8 H x W x 3 / x 4 -> RGB / RGBA.
     """
     p = Path(path)
+    return atomic_write_bytes(p, encode_png(array, palette, p))
+
+
+def encode_png(array: np.ndarray, palette: Union[None, str, np.ndarray] = None, path: PathLike = "PNG") -> bytes:
+    """The PNG bytes :func:`atomic_save_png` writes (``path`` names the file in messages)."""
     arr = np.asarray(array)
-    if palette is not None:
-        img = _palette_image(arr, palette, p)
-    else:
-        img = _plain_image(arr, p)
+    img = _palette_image(arr, palette, path) if palette is not None else _plain_image(arr, path)
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=False)
-    return atomic_write_bytes(p, buf.getvalue())
+    return buf.getvalue()
 
 
 def _palette_image(arr: np.ndarray, palette: Union[str, np.ndarray], path: Path) -> Image.Image:

@@ -34,6 +34,7 @@ class Concept:
     settings: Dict[str, object] = field(default_factory=dict)
     model_type: Optional[str] = None
     checkpoint_sha256: Optional[str] = None
+    name: Optional[str] = None  # what the object is called (the COCO category of `--format coco`)
 
 
 @dataclass

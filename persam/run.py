@@ -20,12 +20,19 @@ four promises about it:
 * **Results are never mixed.**  Every record carries the key of what made its mask
   (:func:`settings_key`: the reference or concept by content, the method and its settings,
   the model and the checkpoint's sha256).  An image is skipped as done only when its record
-  has the run's key, the same image content and all its outputs; an image done with another
+  has the run's key, the same image content and all its outputs (the content: the file's
+  sha256, taken from the record without reading the file again when the record names the same
+  path with the same size and modification time, ``image_stat``); an image done with another
   key is refused unless ``overwrite`` (which redoes it).  Records of images outside the run
   that were made with other settings are kept and named in the header (``other_keys``).
 * **One run at a time.**  The folder is locked for the whole run (:func:`output_lock`).
 * **Outputs never collide.**  Output names are chosen so that no two outputs of the run are
   the same file, and none is results.json or reference_mask.png (:func:`plan_targets`).
+
+The work on one image is :func:`segment_target` (load, encode, segment, encode the output
+files: nothing written) and :func:`write_result` (the files, atomically); the Ray engine
+(persam.engine_ray) runs the same :func:`segment_loaded` in its workers and hands the results to
+:meth:`OutputFolder.add_result` on the driver.  Targets may be URIs (persam.sources.UriPath).
 
 A target that is the reference image (same file or same content) is skipped and recorded as
 such.  An image that cannot be loaded is reported and recorded as an error; the run goes on.
@@ -51,7 +58,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 import numpy as np
 from tqdm import tqdm
 
-from .io import InputError, atomic_save_png, atomic_write_bytes, atomic_write_text, load_image
+from .io import InputError, atomic_write_bytes, atomic_write_text, encode_png
 from .pipeline import Concept, Segmentation, segment
 
 try:
@@ -64,6 +71,7 @@ __all__ = [
     "LOCK_FILE",
     "REFERENCE_MASK_FILE",
     "RESULTS_FILE",
+    "ImageResult",
     "OutputFolder",
     "RunOptions",
     "Target",
@@ -71,8 +79,13 @@ __all__ = [
     "file_sha256",
     "output_lock",
     "plan_targets",
+    "error_result",
+    "load_target",
     "run_batch",
+    "segment_loaded",
+    "segment_target",
     "settings_key",
+    "write_result",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -119,6 +132,7 @@ class Target:
     done: bool = False  # segmented by an earlier run with the same key; all outputs exist
     sha256: Optional[str] = None  # of the image file; None when it cannot be read
     skip_reason: Optional[str] = None  # why it is not segmented (the reference image)
+    stat: Optional[List[int]] = None  # [size, mtime_ns] of the image file when planned (persam.sources.image_stat)
 
     @property
     def pending(self) -> bool:
@@ -243,15 +257,21 @@ def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
     return sha256_file(path)
 
 
-def _image_sha256(path: Path) -> Optional[str]:
-    """sha256 of an image file (not remembered: there are many); None when it cannot be read
-    (reported when it is loaded)."""
-    from sam.download import sha256_file
+def _image_sha256(path) -> Optional[str]:
+    """sha256 of an image file, local or a URI (not remembered: there are many); None when it
+    cannot be read (reported when it is loaded)."""
+    from .sources import image_sha256
 
-    try:
-        return sha256_file(path) if path.is_file() else None
-    except OSError:
-        return None
+    return image_sha256(path)
+
+
+def _as_image_path(p):
+    """A local Path, or the UriPath of a URI (persam.sources)."""
+    from .sources import UriPath, is_uri
+
+    if isinstance(p, UriPath):
+        return p
+    return UriPath(str(p)) if is_uri(str(p)) else Path(p)
 
 
 def mask_settings(options: RunOptions) -> Dict[str, object]:
@@ -472,16 +492,20 @@ class OutputFolder:
         Raises InputError (one line) when a target lies inside the folder, when an image done by
         an earlier run with other settings would be redone without ``overwrite``, or when a file
         the run would write exists but was not written by persam."""
-        paths = [Path(p) for p in paths]
+        paths = [_as_image_path(p) for p in paths]
         for path in paths:
             if _inside(path, self.out_dir):
                 raise InputError(f"target image {path} lies inside the output folder {self.out_dir}; "
                                  f"write the outputs to another folder")
-        hashes = [_image_sha256(p) for p in paths]
+        from .sources import image_stat
+
+        stats = [image_stat(p) for p in paths]
+        by_image = self._earlier_by_image()
+        hashes = [self._content_sha256(p, st, by_image) for p, st in zip(paths, stats)]
         reserved = _reserved_files(self.options)
         names = _unique_names(paths, reserved, lambda name, i: self._name_free(name, paths[i], hashes[i]))
         references = self._references()
-        targets = [Target(path, name, sha256=sha) for path, name, sha in zip(paths, names, hashes)]
+        targets = [Target(path, name, sha256=sha, stat=st) for path, name, sha, st in zip(paths, names, hashes, stats)]
         for t in targets:
             if _is_one_of(t, references):
                 t.skip_reason = REFERENCE_IMAGE
@@ -493,6 +517,24 @@ class OutputFolder:
         self.records = {t.name: self._skip_record(t) for t in targets if not t.pending}
         self._note_other_settings()
         return targets
+
+    @staticmethod
+    def _content_sha256(path, stat: Optional[List[int]], by_image: Dict[str, List[dict]]) -> Optional[str]:
+        """The image's sha256: an earlier record's when it names the same file (path as given) with
+        the same size and modification time (so that images done earlier are not read again,
+        locally or from an object store); else the file's bytes hashed."""
+        if stat is not None:
+            for record in by_image.get(str(path), ()):
+                if record.get("image_stat") == stat and isinstance(record.get("image_sha256"), str):
+                    return record["image_sha256"]
+        return _image_sha256(path)
+
+    def _earlier_by_image(self) -> Dict[str, List[dict]]:
+        """Earlier records by their image (path or URI as given)."""
+        by_image: Dict[str, List[dict]] = {}
+        for record in self.earlier.records.values():
+            by_image.setdefault(str(record.get("image")), []).append(record)
+        return by_image
 
     def _name_free(self, name: str, path: Path, sha: Optional[str]) -> bool:
         """False when an earlier record of that name is of another image (its outputs stay)."""
@@ -591,11 +633,30 @@ class OutputFolder:
         bar = tqdm(pending, desc="segmenting", unit="image", file=sys.stderr,
                    disable=(not options.progress) if options.progress is not None else None)
         for t in bar:
-            self.records[t.name] = _segment_target(predictor, concept, t, self.out_dir, options, self.log)
-            self.records[t.name].update(key=self.key, image_sha256=t.sha256)
+            self._keep(t, _segment_target(predictor, concept, t, self.out_dir, options, self.log))
             data = self._save()
         bar.close()
         return data
+
+    def add_result(self, target: Target, result: ImageResult) -> None:
+        """Write one target's outputs (made elsewhere: a worker of another engine) as :meth:`run`
+        does, and keep its record, written into results.json with the next :meth:`save`."""
+        self._keep(target, write_result(self.out_dir, result, self.log))
+
+    def _keep(self, target: Target, record: dict) -> None:
+        record.update(key=self.key, image_sha256=target.sha256, image_stat=target.stat)
+        self.records[target.name] = record
+
+    def save(self) -> dict:
+        """Write results.json now (see :meth:`add_result`); the results dictionary as written."""
+        return self._save()
+
+    def claim_files(self, names: Sequence[str]) -> dict:
+        """List more files (written by the caller: coco.json) in results.json before they are
+        written; InputError when one exists and is not persam's."""
+        self._refuse_foreign_files(names)
+        self.files.update(names)
+        return self._save()
 
     def _save(self) -> dict:
         """Write results.json: this run's records in target order, then the earlier records of
@@ -676,7 +737,17 @@ def _object_record(seg: Segmentation) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# one image
+# one image: the same code for every engine (here, and in the workers of persam.engine_ray)
+
+
+@dataclass
+class ImageResult:
+    """What segmenting one target makes: its record and its output files (name, bytes), to be
+    written in this order (the mask last: it marks the image done).  No file is written yet:
+    :meth:`OutputFolder.add_result` writes them (in the process that holds the folder)."""
+
+    record: dict
+    outputs: List[Tuple[str, bytes]] = field(default_factory=list)
 
 
 def _encode_jpg_or_png(rgb: np.ndarray, fmt: str) -> bytes:
@@ -710,25 +781,27 @@ def _similarity(predictor, concept: Concept, segs: List[Segmentation]):
     return similarity_map(similarity_grid(predictor.features, concept.target_vector), predictor.upscale)
 
 
-def _write_outputs(predictor, concept, options, image, segs, found, out_dir, files, written) -> None:
-    """The similarity heat map, overlay and mask of one image (mask last: it marks the image done)."""
+def _encode_outputs(predictor, concept, options, image, segs, found, files) -> List[Tuple[str, bytes]]:
+    """The similarity heat map, overlay and mask of one image as file bytes (mask last)."""
     from . import visualize
 
+    outputs = []
     if options.save_similarity:
         sim = _similarity(predictor, concept, segs)
-        written.append(atomic_save_png(out_dir / files["similarity"], visualize.heatmap(sim)))
+        outputs.append((files["similarity"], encode_png(visualize.heatmap(sim), path=files["similarity"])))
     points, labels = _all_points(segs)
     boxes = [s.box for s in found if s.box is not None]
     picture = visualize.overlay(image, [s.mask for s in found], points, labels, boxes or None)
-    written.append(atomic_write_bytes(out_dir / files["overlay"], _encode_jpg_or_png(picture, options.overlay_format)))
+    outputs.append((files["overlay"], _encode_jpg_or_png(picture, options.overlay_format)))
     if options.multi:
         label_map = np.zeros(image.shape[:2], dtype=np.uint8)
         for k, s in enumerate(found, start=1):
             label_map[np.asarray(s.mask, dtype=bool) & (label_map == 0)] = k
-        written.append(atomic_save_png(out_dir / files["mask"], label_map, palette="davis"))
+        outputs.append((files["mask"], encode_png(label_map, palette="davis", path=files["mask"])))
     else:
         mask = found[0].mask if found else np.zeros(image.shape[:2], dtype=bool)
-        written.append(atomic_save_png(out_dir / files["mask"], np.asarray(mask, dtype=bool)))
+        outputs.append((files["mask"], encode_png(np.asarray(mask, dtype=bool), path=files["mask"])))
+    return outputs
 
 
 def _all_points(segs: List[Segmentation]):
@@ -739,37 +812,47 @@ def _all_points(segs: List[Segmentation]):
     return points, labels
 
 
-def _segment_target(predictor, concept: Concept, target: Target, out_dir: Path, options: RunOptions,
-                    log: Callable[[str], None]) -> dict:
-    """Segment one target and write its outputs; its record (status ok, or error when unreadable)."""
-    record = {"name": target.name, "image": str(target.path)}
+def error_result(target: Target, message: str) -> ImageResult:
+    """The result of a target that could not be loaded (no outputs)."""
+    return ImageResult({"name": target.name, "image": str(target.path), "status": "error", "error": message})
+
+
+def load_target(target: Target, data: Optional[bytes] = None) -> Tuple[Optional[np.ndarray], Optional[ImageResult]]:
+    """(the target's RGB image, None), or (None, its error result) when it cannot be loaded.
+    `data`: the file's bytes, already read (a worker of the Ray engine)."""
+    from .sources import load_image
+
     try:
-        image = load_image(target.path)
+        image = load_image(target.path, data)
     except InputError as exc:
-        log(f"persam: warning: {exc} (skipped)")
-        record.update(status="error", error=str(exc))
-        return record
+        return None, error_result(target, str(exc))
     if not image.flags.writeable:  # torch warns on read-only arrays
         image = image.copy()
+    return image, None
+
+
+def segment_loaded(predictor, concept: Concept, target: Target, image: np.ndarray, options: RunOptions,
+                   embedding=None, encode_s: Optional[float] = None) -> ImageResult:
+    """Segment one loaded target: its record and output files (nothing is written).
+
+    The image is encoded here, unless `embedding` (``predictor.encode_images``' ImageEmbedding of
+    this image, encoded in a batch taking `encode_s` seconds per image) is given."""
     start = time.perf_counter()
-    predictor.set_image(image)
+    if embedding is None:
+        predictor.set_image(image)
+    else:
+        predictor.set_embedding(*embedding)
     encoded = time.perf_counter()
     segs = _segment_image(predictor, concept, options, options.save_similarity)
     done = time.perf_counter()
 
     found = [s for s in segs if s.found]
     files = output_files(target.name, options)
-    written: List[Path] = []
-    try:
-        _write_outputs(predictor, concept, options, image, segs, found, out_dir, files, written)
-    except BaseException:  # interrupted or failed: leave no outputs of this image behind
-        for path in written:
-            path.unlink(missing_ok=True)
-        raise
-
+    outputs = _encode_outputs(predictor, concept, options, image, segs, found, files)
     first = segs[0] if segs else None
     points, labels = _all_points(segs)
     boxes = [s.box for s in found if s.box is not None]
+    record = {"name": target.name, "image": str(target.path)}
     record.update(
         status="ok",
         size=[int(image.shape[1]), int(image.shape[0])],
@@ -779,12 +862,47 @@ def _segment_target(predictor, concept: Concept, target: Target, out_dir: Path, 
         points=_points(points),
         labels=[int(v) for v in labels],
         boxes=[_floats(b) for b in boxes],
-        timings={"encode_s": round(encoded - start, 4), "segment_s": round(done - encoded, 4)},
+        timings={"encode_s": round(encoded - start if encode_s is None else encode_s, 4),
+                 "segment_s": round(done - encoded, 4)},
         outputs=files,
     )
     if options.multi:
         record["objects"] = [_object_record(s) for s in found]
+    return ImageResult(record, outputs)
+
+
+def write_result(out_dir: Path, result: ImageResult, log: Callable[[str], None]) -> dict:
+    """Write one image's output files atomically, in order (the mask last); its record (a copy).
+    A failure or an interruption while writing leaves none of its outputs behind; an error
+    record is reported through `log`."""
+    written: List[Path] = []
+    try:
+        for name, data in result.outputs:
+            written.append(atomic_write_bytes(Path(out_dir) / name, data))
+    except BaseException:  # interrupted or failed: leave no outputs of this image behind
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    record = dict(result.record)
+    if record.get("status") == "error":
+        log(f"persam: warning: {record.get('error')} (skipped)")
     return record
+
+
+def _segment_target(predictor, concept: Concept, target: Target, out_dir: Path, options: RunOptions,
+                    log: Callable[[str], None]) -> dict:
+    """Segment one target and write its outputs; its record (status ok, or error when unreadable)."""
+    return write_result(out_dir, segment_target(predictor, concept, target, options), log)
+
+
+def segment_target(predictor, concept: Concept, target: Target, options: RunOptions,
+                   data: Optional[bytes] = None) -> ImageResult:
+    """Load, encode and segment one target: its record (status ok, or error when it cannot be
+    loaded) and output files.  Nothing is written (see :meth:`OutputFolder.add_result`)."""
+    image, failed = load_target(target, data)
+    if failed is not None:
+        return failed
+    return segment_loaded(predictor, concept, target, image, options)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,265 @@
+"""The Ray engine of `persam segment / apply --engine ray`: one collection over many workers.
+
+    persam apply dog.concept s3://bucket/photos/ --out out/ --engine ray --address auto \\
+        --gpus-per-worker 1 --workers 8 --batch-size 8
+
+The driver (the process running the command) keeps the whole output folder, exactly as the
+local engine does (:class:`persam.run.OutputFolder`: the lock on --out, which files are
+persam's, the run's key, atomic writes, strict JSON):
+
+1. it plans the targets; images already recorded in --out with the run's key are left out
+   before anything is read (Ray Data has no skip of its own);
+2. a Ray Data pipeline over the pending images: ``from_items`` (index, name, path) ->
+   ``map_batches(read_files)`` (tasks: the file bytes, through ``pyarrow.fs`` for URIs) ->
+   ``map_batches(Segmenter)`` (actors: each loads the model and the concept once, on a GPU when
+   ``gpus_per_worker`` > 0, decodes its batch, encodes it in one encoder call and segments each
+   image with :func:`persam.run.segment_loaded`, the local engine's own per-image code);
+3. the workers return each image's record and output files (PNG mask, overlay, heat map) as
+   bytes; the driver writes them atomically into --out and merges the records into
+   results.json after every batch it receives (:meth:`OutputFolder.add_result`).
+
+An interrupted run leaves complete outputs and records of every batch received; the next run
+skips those images.  Ray is an optional extra: ``pip install 'persam[ray]'``.
+"""
+
+from __future__ import annotations
+
+import pickle
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from tqdm import tqdm
+
+from .io import InputError
+from .run import ImageResult, OutputFolder, RunOptions, Target
+
+__all__ = ["INSTALL_HINT", "RayOptions", "WorkerModel", "Segmenter", "read_files", "require_ray", "run_ray"]
+
+INSTALL_HINT = "pip install 'persam[ray]'"
+READ_CPUS = 0  # read tasks hold no CPU (I/O bound): they run beside workers that hold every CPU
+SAVE_EVERY_S = 2.0  # results.json is rewritten at most this often (and after the last batch), and
+                    # at most every 10x the time one rewrite takes (a big collection's file is big)
+
+
+@dataclass
+class RayOptions:
+    address: Optional[str] = None  # None: $RAY_ADDRESS, else a local Ray; "auto": the running cluster; "ray://host:10001"
+    workers: int = 1  # at most this many segmenting actors (each holds one model), as the cluster has room
+    gpus_per_worker: float = 0.0  # > 0: each worker runs on (a share of) a GPU, with device cuda
+    cpus_per_worker: float = 1.0  # CPUs each worker holds (and torch threads on CPU)
+    batch_size: int = 4  # images per worker call, encoded together
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"workers must be at least 1, got {self.workers}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.gpus_per_worker < 0 or self.cpus_per_worker <= 0:
+            raise ValueError("gpus_per_worker must be >= 0 and cpus_per_worker > 0")
+
+
+@dataclass
+class WorkerModel:
+    """What each worker builds (picklable): persam.models.build_predictor's arguments, and the
+    checkpoint's sha256 the run's key was made with (checked on every worker)."""
+
+    model_type: str
+    checkpoint: str
+    checkpoint_sha256: Optional[str]
+    device: str = "cpu"
+    precision: str = "fp32"
+    backend: str = "auto"
+
+
+def require_ray():
+    """The ray module with Ray Data; InputError saying how to install it when missing."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as exc:
+        raise InputError(f"--engine ray needs Ray Data, which is not installed ({exc}); install it with "
+                         f"{INSTALL_HINT} (or pip install 'ray[data]' pyarrow)") from None
+    return ray
+
+
+# --------------------------------------------------------------------------------------------
+# the workers
+
+
+def _target(name: str, path: str) -> Target:
+    from .run import _as_image_path
+
+    return Target(_as_image_path(path), name)
+
+
+def read_files(batch: Dict[str, Any]) -> Dict[str, Any]:
+    """Ray Data task: the bytes of each image of the batch (local or a URI through pyarrow.fs),
+    or the one-line reason it cannot be read."""
+    from .sources import read_image_bytes
+
+    data, errors = [], []
+    for name, path in zip(batch["name"], batch["path"]):
+        try:
+            data.append(read_image_bytes(_target(str(name), str(path)).path))
+            errors.append("")
+        except InputError as exc:
+            data.append(b"")
+            errors.append(str(exc))
+    return {"index": batch["index"], "name": batch["name"], "path": batch["path"], "data": data, "error": errors}
+
+
+class Segmenter:
+    """Ray Data actor: the model and the concept, loaded once; segments a batch per call.
+
+    Returns, per image, its index and the pickled :class:`persam.run.ImageResult`."""
+
+    def __init__(self, model: WorkerModel, concept, options: RunOptions, cpus: float = 1.0) -> None:
+        import torch
+
+        from .models import build_predictor
+
+        if model.device == "cpu":
+            torch.set_num_threads(max(1, int(cpus)))
+        if model.checkpoint_sha256:
+            from .run import file_sha256
+
+            try:
+                found = file_sha256(model.checkpoint)
+            except OSError as exc:
+                raise InputError(f"worker: checkpoint {model.checkpoint} cannot be read here ({exc}); every node "
+                                 f"needs it at that path (`persam download {model.model_type}` on each, or a "
+                                 f"shared file system)") from None
+            if found != model.checkpoint_sha256:
+                raise InputError(f"worker: checkpoint {model.checkpoint} here is not the driver's "
+                                 f"(sha256 {found[:12]}, expected {model.checkpoint_sha256[:12]})")
+        self.predictor = build_predictor(model.model_type, model.checkpoint, model.device, model.precision,
+                                         model.backend)
+        self.concept = concept
+        self.options = options
+
+    def __call__(self, batch: Dict[str, Any]) -> Dict[str, Any]:
+        from .run import error_result, load_target, segment_loaded
+
+        results: List[Optional[ImageResult]] = []
+        loaded = []  # (position, target, image)
+        for i, (name, path, data, error) in enumerate(zip(batch["name"], batch["path"], batch["data"], batch["error"])):
+            target = _target(str(name), str(path))
+            if error:
+                results.append(error_result(target, str(error)))
+                continue
+            image, failed = load_target(target, bytes(data))
+            results.append(failed)
+            if failed is None:
+                loaded.append((i, target, image))
+        embeddings, encode_s = [None] * len(loaded), None
+        encode_images = getattr(self.predictor, "encode_images", None)
+        if encode_images is not None and loaded:
+            start = time.perf_counter()
+            embeddings = encode_images([image for _, _, image in loaded], batch_size=len(loaded))
+            encode_s = (time.perf_counter() - start) / len(loaded)
+        for (i, target, image), embedding in zip(loaded, embeddings):
+            results[i] = segment_loaded(self.predictor, self.concept, target, image, self.options,
+                                        embedding=embedding, encode_s=encode_s if embedding is not None else None)
+        return {"index": batch["index"], "result": [pickle.dumps(r, protocol=pickle.HIGHEST_PROTOCOL) for r in results]}
+
+
+# --------------------------------------------------------------------------------------------
+# the driver
+
+
+def run_ray(folder: OutputFolder, targets: Sequence[Target], concept, model: WorkerModel, ray_options: RayOptions,
+            log: Optional[Callable[[str], None]] = None) -> dict:
+    """Segment the pending targets (after ``folder.plan``) on Ray and write everything through
+    `folder` (which must be entered: the lock is held).  Returns the results dictionary."""
+    from .run import load_target
+
+    log = log or folder.log
+    if folder.method is None and concept is not None:
+        folder.method = concept.method
+    data = folder.claim(targets)
+    pending = [t for t in targets if t.pending]
+    # unreadable at planning (no sha256): recorded here as the local engine does, nothing to send
+    to_send = []
+    for t in pending:
+        if t.sha256 is None:
+            _, failed = load_target(t)
+            if failed is not None:
+                folder.add_result(t, failed)
+                continue
+        to_send.append(t)
+    if not to_send:
+        return folder.save()
+
+    ray = require_ray()
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=ray_options.address, include_dashboard=False, log_to_driver=True,
+                 logging_level="WARNING", configure_logging=True)
+    try:
+        _check_room(ray, ray_options, log)
+        data = _run_pipeline(ray, folder, to_send, concept, model, ray_options)
+    finally:
+        if started_here:
+            ray.shutdown()
+    return data
+
+
+def _check_room(ray, ray_options: RayOptions, log: Callable[[str], None]) -> None:
+    """Say so when one worker asks for more CPUs or GPUs than the whole cluster has now (it then
+    waits for the cluster to grow: an autoscaling cluster adds nodes, a fixed one never does)."""
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    if ray_options.cpus_per_worker > cpus or ray_options.gpus_per_worker > gpus:
+        log(f"persam: warning: a worker asks for {ray_options.cpus_per_worker:g} CPU and "
+            f"{ray_options.gpus_per_worker:g} GPU, but the Ray cluster has {cpus:g} CPU and {gpus:g} GPU now: "
+            f"the run waits until a node with room joins (lower --cpus-per-worker / --gpus-per-worker, or "
+            f"Ctrl-C)")
+
+
+def _run_pipeline(ray, folder: OutputFolder, targets: Sequence[Target], concept, model: WorkerModel,
+                  ray_options: RayOptions) -> dict:
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # the driver's own bar (as the local engine's) counts the images
+    if hasattr(context, "print_on_execution_start"):
+        context.print_on_execution_start = False
+    batch = ray_options.batch_size
+    items = [{"index": i, "name": t.name, "path": str(t.path)} for i, t in enumerate(targets)]
+    blocks = max(1, min(len(items), -(-len(items) // batch)))
+    ds = ray.data.from_items(items, override_num_blocks=blocks)
+    ds = ds.map_batches(read_files, batch_size=batch, num_cpus=READ_CPUS)
+    ds = ds.map_batches(
+        Segmenter,
+        fn_constructor_kwargs={"model": model, "concept": concept, "options": folder.options,
+                               "cpus": ray_options.cpus_per_worker},
+        batch_size=batch,
+        # up to `workers`: as many as the cluster has room for (a fixed pool larger than it would wait)
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=ray_options.workers),
+        num_cpus=ray_options.cpus_per_worker,
+        num_gpus=ray_options.gpus_per_worker or None,
+    )
+    data = folder.save()
+    last_save, unsaved, save_s = time.monotonic(), 0, 0.0
+    progress = folder.options.progress
+    bar = tqdm(total=len(targets), desc="segmenting (ray)", unit="image", file=sys.stderr,
+               disable=(not progress) if progress is not None else None)
+    try:
+        for out in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
+            for index, blob in zip(out["index"], out["result"]):
+                result: ImageResult = pickle.loads(bytes(blob))
+                folder.add_result(targets[int(index)], result)
+                unsaved += 1
+                bar.update(1)
+            if time.monotonic() - last_save >= max(SAVE_EVERY_S, 10 * save_s):
+                start = time.monotonic()
+                data, unsaved = folder.save(), 0
+                last_save = time.monotonic()
+                save_s = last_save - start
+    finally:  # also when interrupted or a worker failed: what was received is recorded
+        bar.close()
+        if unsaved:
+            data = folder.save()
+    return data

@@ -5,6 +5,9 @@
                    TARGET... --out DIR         learn from the reference, segment the targets
     persam learn   --ref-image IMG ... --out concept.pt
     persam apply   CONCEPT TARGET... --out DIR
+    persam track   VIDEO --out DIR (--concept C | --ref-mask M | --ref-point X,Y | --ref-box B | --ref-labels L)
+                                               follow the object through a video (persam.track)
+    persam app     [--host H] [--port P]           the web page: personalize by clicking (persam.app)
 
 Each subcommand is a ``cmd_NAME(args) -> int`` function registered in :func:`build_parser`
 (``subparser.set_defaults(func=cmd_NAME)``).  Expected failures raise ordinary exceptions
@@ -31,6 +34,7 @@ from typing import Optional, Sequence
 from pathlib import Path
 
 from sam.download import MODELS, DownloadError, download_checkpoint
+from sam.backends import BACKEND_CHOICES
 from sam.predictor import PRECISIONS
 
 from .cli_args import Parser as _Parser
@@ -38,6 +42,8 @@ from .cli_args import UsageError as _UsageError
 from .cli_args import box as _box
 from .cli_args import numbers as _numbers
 from .cli_args import point as _point
+from .cli_args import non_negative_int as _non_negative_int
+from .cli_args import positive_float as _positive_float
 from .cli_args import positive_int as _positive_int
 from .cli_args import similarity as _similarity
 from .io import InputError
@@ -111,6 +117,16 @@ def _object_count(text: str) -> int:
     value = _positive_int(text)
     if value > MAX_LABELS:
         raise argparse.ArgumentTypeError(f"at most {MAX_LABELS} objects fit one label PNG, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number between 0 and 65535, got {text!r}")
     return value
 
 
@@ -209,10 +225,13 @@ def _run_targets(args: argparse.Namespace, predictor_factory, concept_factory, i
 
     `made_with` describes what makes the masks (the run's key), `references` are the reference
     images (skipped as targets) and `writes` the files the concept factory writes into --out."""
-    from .run import OutputFolder, RunOptions, expand_targets
+    from . import cli_engine
+    from .run import OutputFolder, RunOptions
+    from .sources import expand_sources
 
+    cli_engine.check(args)  # --engine ray / --format coco: their packages, before any work
     out_dir = Path(args.out)
-    paths, warnings = expand_targets(args.targets)
+    paths, warnings = expand_sources(args.targets)
     for line in warnings:
         print(f"{PROG}: warning: {line}", file=sys.stderr)
     if not paths:
@@ -228,7 +247,7 @@ def _run_targets(args: argparse.Namespace, predictor_factory, concept_factory, i
         info=info,
         made_with=made_with,
         reference_images=references,
-        extra_outputs=writes,
+        extra_outputs=tuple(writes) + cli_engine.extra_outputs(args),
     )
     with OutputFolder(out_dir, options) as folder:
         targets = folder.plan(paths)
@@ -238,16 +257,21 @@ def _run_targets(args: argparse.Namespace, predictor_factory, concept_factory, i
         pending = [t for t in targets if t.pending]
         done = sum(t.done for t in targets)
         if not pending:
-            folder.run(None, None, targets)  # records the skipped ones
+            cli_engine.write_formats(args, folder, folder.run(None, None, targets))  # records the skipped ones
             print(f"all {done} image(s) already done in {out_dir} (use --overwrite to redo them)" if done
                   else "nothing to segment: every target is the reference image", file=sys.stderr)
             return 0
         if done:
             print(f"skipping {done} image(s) already done in {out_dir}", file=sys.stderr)
-        predictor = predictor_factory()
-        folder.claim(targets)  # lists the outputs in results.json before any is written
-        concept = concept_factory(predictor)
-        data = folder.run(predictor, concept, targets)
+        if getattr(args, "engine", "local") == "ray":
+            data = cli_engine.run_on_ray(args, folder, targets, predictor_factory, concept_factory, made_with,
+                                         learns=bool(references))
+        else:
+            predictor = predictor_factory()
+            folder.claim(targets)  # lists the outputs in results.json before any is written
+            concept = concept_factory(predictor)
+            data = folder.run(predictor, concept, targets)
+        cli_engine.write_formats(args, folder, data)
     summary = data["summary"]
     print(
         f"{summary['segmented']} segmented, {summary['skipped']} skipped, {summary['errors']} failed, "
@@ -277,13 +301,14 @@ def cmd_segment(args: argparse.Namespace) -> int:
     holder = {}
 
     def predictor_factory():
-        holder["predictor"] = build_predictor(model_type, checkpoint, args.device, args.precision)
+        holder["predictor"] = build_predictor(model_type, checkpoint, args.device, args.precision, args.backend)
         return holder["predictor"]
 
     def concept_factory(predictor):
         return _learn(args, predictor, refs, out_dir / REFERENCE_MASK_FILE)
 
     info = _model_info(model_type, checkpoint)
+    info["concept_name"] = args.name or refs[0][0].stem  # the COCO category of --format coco
     info["reference"] = {"images": [str(p) for p, _, _ in refs], "masks": args.ref_mask or None,
                          "points": args.ref_point or None, "box": list(args.ref_box) if args.ref_box else None}
     made_with = {  # what makes the masks, by content: the run's key in results.json
@@ -312,8 +337,9 @@ def cmd_learn(args: argparse.Namespace) -> int:
         raise InputError(f"--out {out} is a folder; give the concept file to write, e.g. {out / 'concept.pt'}")
     _check_output_folder(out.parent if str(out.parent) else Path("."))
     checkpoint = resolve_checkpoint(model_type, args.checkpoint)
-    predictor = build_predictor(model_type, checkpoint, args.device, args.precision)
+    predictor = build_predictor(model_type, checkpoint, args.device, args.precision, args.backend)
     concept = _learn(args, predictor, refs, out.with_name(f"{out.stem}_reference_mask.png"))
+    concept.name = args.name or out.stem
     save_concept(concept, out, model_type=model_type, checkpoint_sha256=sha256_file(checkpoint))
     print(out)
     return 0
@@ -333,12 +359,42 @@ def cmd_apply(args: argparse.Namespace) -> int:
     concept = load_concept(args.concept, model_type=model_type, checkpoint_sha256=checkpoint_sha256)
     info = _model_info(model_type, checkpoint)
     info["concept"] = str(args.concept)
+    info["concept_name"] = concept.name or Path(args.concept).stem  # the COCO category of --format coco
     made_with = {"method": concept.method, "concept_sha256": file_sha256(args.concept), "model_type": model_type,
                  "checkpoint_sha256": checkpoint_sha256, "precision": args.precision}
     return _run_targets(
-        args, lambda: build_predictor(model_type, checkpoint, args.device, args.precision), lambda predictor: concept,
+        args, lambda: build_predictor(model_type, checkpoint, args.device, args.precision, args.backend), lambda predictor: concept,
         info, made_with,
     )
+
+
+def cmd_track(args: argparse.Namespace) -> int:
+    """``persam track``: find and follow the object through a video (the work is persam.track's)."""
+    from .track import track_command
+
+    return track_command(args)
+
+
+def cmd_app(args: argparse.Namespace) -> int:
+    """``persam app``: the web page (the [app] extra; the work is persam.app's)."""
+    from .app import require_app_extra
+
+    require_app_extra()
+    from .app.server import is_loopback, open_socket, serve
+    from .app.state import AppConfig
+
+    model_type = args.model or DEFAULT_MODEL
+    checkpoint = resolve_checkpoint(model_type, args.checkpoint)
+    sock = open_socket(args.host, args.port)  # before the slow model load: a busy port fails fast
+    if not is_loopback(args.host):
+        print(f"{PROG}: warning: --host {args.host}: anyone who reaches this machine can use the page (there is "
+              f"no login)" + ("; --allow-folders lets them read images on it" if args.allow_folders else ""),
+              file=sys.stderr)
+    predictor = build_predictor(model_type, checkpoint, args.device, args.precision, args.backend)
+    config = AppConfig(model_type=model_type, checkpoint=checkpoint, precision=args.precision,
+                       max_sessions=args.max_sessions, max_embeddings=args.max_cached_images,
+                       max_megapixels=args.max_megapixels, allow_folders=args.allow_folders or is_loopback(args.host))
+    return serve(predictor, config, sock, quiet=args.quiet)
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--device", choices=DEVICES, default="cpu", help="default cpu")
         q.add_argument("--precision", choices=PRECISIONS, default="fp32",
                        help="image-encoder precision (default fp32; bf16 on CPU, bf16/fp16 on GPU)")
+        q.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
+                       help="who runs the image encoder: auto (default: openvino, then onnxruntime, when installed "
+                            "and on CPU; else torch), torch, openvino, onnxruntime (built once, cached)")
         q.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     def add_reference_options(q, several: bool) -> None:
@@ -402,10 +461,14 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--finetune-resolution", choices=("native", "full"), default="native",
                        help="where PerSAM-F's loss is evaluated: the decoder's 256 x 256 logits (native, default, "
                             "fast) or the reference image's full size (full, as the original code)")
+        g.add_argument("--name", metavar="NAME", default=None,
+                       help="what the object is called, kept in the concept (the category of --format coco); "
+                            "default: the concept file's name (learn) or the reference image's (segment)")
 
     def add_run_options(q) -> None:
         q.add_argument("targets", metavar="TARGET", nargs="+",
-                       help="target images: files, folders of images, or glob patterns")
+                       help="target images: files, folders of images, glob patterns, a text file of paths (.txt), a "
+                            "parquet file with a path column, or s3:// gs:// file:// URIs of any of these")
         q.add_argument("--out", metavar="DIR", required=True, help="output folder")
         q.add_argument("--multi", action="store_true", help="find several objects of the concept per image")
         q.add_argument("--max-objects", type=_object_count, default=5, metavar="N",
@@ -415,6 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--save-similarity", action="store_true", help="also write NAME_similarity.png heat maps")
         q.add_argument("--overlay-format", choices=("jpg", "png"), default="jpg", help="default jpg")
         q.add_argument("--overwrite", action="store_true", help="redo images whose outputs exist (default: skip them)")
+        from .cli_engine import add_options as add_engine_options
+
+        add_engine_options(q)
 
     p = sub.add_parser(
         "segment",
@@ -449,6 +515,74 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_options(p)
     add_model_options(p)
     p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser(
+        "track",
+        help="find and follow the object through a video",
+        description="Find the object (a concept, or a reference mask / clicks / box on a frame of the video or on "
+        "another image, or a label map of several objects) in every frame of a video file (what OpenCV reads: mp4, "
+        "mov, avi, mkv) or a folder of frames, following it with its box in the previous frame. Writes per "
+        "processed frame a mask NNNNN.png (by frame index), overlay.mp4 and results.json into --out; an "
+        "interrupted run resumes at the first missing frame. Exit code 1: the video could not be read to its end "
+        "(what was done is kept).",
+    )
+    p.add_argument("video", metavar="VIDEO", help="a video file, or a folder of frames (sorted by name)")
+    p.add_argument("--out", metavar="DIR", required=True, help="output folder")
+    g = p.add_argument_group("the object (one of --concept, --ref-mask, --ref-point, --ref-box, --ref-labels)")
+    g.add_argument("--concept", metavar="CONCEPT", default=None, help="a concept file from `persam learn`")
+    g.add_argument("--ref-frame", metavar="N", type=_non_negative_int, default=None,
+                   help="the frame of the video the reference mask / clicks / box / labels are on (default 0)")
+    g.add_argument("--ref-image", metavar="IMG", default=None,
+                   help="a reference image from elsewhere, instead of a frame of the video")
+    g.add_argument("--ref-mask", metavar="MASK", default=None, help="mask of the object on the reference frame / image")
+    g.add_argument("--ref-point", metavar="X,Y", action="append", type=_point, default=None,
+                   help="a click on the object (repeatable); SAM makes the mask (saved as reference_mask.png)")
+    g.add_argument("--ref-box", metavar="X0,Y0,X1,Y1", type=_box, default=None,
+                   help="a box around the object; SAM makes the mask")
+    g.add_argument("--ref-labels", metavar="LABELS", default=None,
+                   help="a label map of several objects on the reference frame / image (palette ids 1..N, as DAVIS "
+                        "annotations); the masks are palette PNGs of the same ids")
+    g.add_argument("--finetune", action="store_true", help="PerSAM-F: learn the mask-scale weights on the reference")
+    g.add_argument("--steps", type=_positive_int, default=1000, metavar="N", help="PerSAM-F training steps (default 1000)")
+    g.add_argument("--finetune-resolution", choices=("native", "full"), default="native",
+                   help="where PerSAM-F's loss is evaluated (default native, see `persam segment --help`)")
+    p.add_argument("--min-similarity", type=_similarity, default=None, metavar="S",
+                   help="mark the object not found in frames where its peak target similarity (-1 to 1) is below S "
+                        "(instead of forcing a mask)")
+    p.add_argument("--every", type=_positive_int, default=1, metavar="K",
+                   help="process every K-th frame (default 1); the overlay video then has fps / K")
+    p.add_argument("--start", type=_non_negative_int, default=0, metavar="N", help="first frame (default 0)")
+    p.add_argument("--end", type=_positive_int, default=None, metavar="N",
+                   help="stop before frame N (default: the end of the video)")
+    p.add_argument("--fps", type=_positive_float, default=None, metavar="F",
+                   help="frame rate of a folder of frames, for the overlay video (default 24)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo every frame (default: resume; a folder made with other settings is refused)")
+    p.add_argument("--format", choices=("png", "coco"), default="png",
+                   help="png (default): the masks and results.json; coco: also OUT/coco.json, COCO instances of "
+                        "the frames (RLE masks, boxes, areas, scores, track_id per object)")
+    add_model_options(p)
+    p.set_defaults(func=cmd_track)
+
+    p = sub.add_parser(
+        "app",
+        help="the web page: personalize by clicking (needs the [app] extra)",
+        description="Serve the persam page: add a reference image and click on the object (or drag a box, or "
+        "upload its mask), add target images, run, look at the overlays and scores, download the masks. "
+        "Needs `pip install -e \".[app]\"`. Every browser gets its own session; one model serves them all.",
+    )
+    add_model_options(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=_port, default=7860, help="port (default 7860; 0: any free port)")
+    p.add_argument("--allow-folders", action="store_true",
+                   help="let the page read target folders on the server also when --host is not a loopback address")
+    p.add_argument("--max-sessions", type=_positive_int, default=8, metavar="N",
+                   help="browser sessions kept at once, least recently used dropped first (default 8)")
+    p.add_argument("--max-cached-images", type=_positive_int, default=48, metavar="N",
+                   help="image embeddings kept in memory, 4 MiB each (default 48); others are encoded again when needed")
+    p.add_argument("--max-megapixels", type=_positive_float, default=50.0, metavar="MP",
+                   help="largest image the page accepts (default 50 megapixels)")
+    p.set_defaults(func=cmd_app)
 
     from eval.cli import add_eval_parser
 

@@ -65,6 +65,27 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """A frame index: 0, 1, 2, ..."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a frame index (0, 1, 2, ...), got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def float_range(low: float, high: float, what: str = "a number") -> Callable[[str], float]:
     """A type function for a finite float in [low, high] (NaN and infinities are refused)."""
 

@@ -19,10 +19,11 @@ import pytest
 import torch
 from PIL import Image
 
-from persam import cli
 from persam.io import load_label_map, load_mask
 from persam.visualize import heatmap, overlay
 from sam.predictor import SamPredictor
+
+from cli_testing import error_line, memoized_encoder, model_args, ref_args, run_cli, write_cat_photos
 
 
 SIDE = 256
@@ -34,22 +35,8 @@ SIDE = 256
 
 @pytest.fixture(scope="module", autouse=True)
 def memo_encoder():
-    """Encode each distinct image once for the whole module (same features as re-encoding)."""
-    cache = {}
-    original = SamPredictor.set_torch_image
-
-    def set_torch_image(self, resized_image, original_size):
-        key = (hashlib.sha1(resized_image.cpu().numpy().tobytes()).hexdigest(), tuple(original_size),
-               id(self.model.image_encoder.__class__), self.precision)
-        if key not in cache:
-            original(self, resized_image, original_size)
-            cache[key] = self.features.clone()
-            return self.features
-        self.set_embedding(cache[key].clone(), original_size, tuple(resized_image.shape[-2:]))
-        return self.features
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(SamPredictor, "set_torch_image", set_torch_image)
+    """Encode each distinct image once for the whole module."""
+    with memoized_encoder():
         yield
 
 
@@ -62,35 +49,12 @@ def checkpoint(random_vit_t_checkpoint):
 def data(perseg_dir, tmp_path_factory):
     """ref.jpg / ref.png (cat 00) and targets/01.jpg, targets/02.jpg, downscaled, plus bad masks."""
     root = tmp_path_factory.mktemp("data")
-    (root / "targets").mkdir()
-    for name, dest in (("00", root / "ref.jpg"), ("01", root / "targets" / "01.jpg"), ("02", root / "targets" / "02.jpg")):
-        Image.open(perseg_dir / "Images" / "cat" / f"{name}.jpg").convert("RGB").resize((SIDE, SIDE)).save(dest)
-    mask = Image.open(perseg_dir / "Annotations" / "cat" / "00.png").convert("L").resize((SIDE, SIDE), Image.NEAREST)
-    mask.save(root / "ref.png")
+    mask = write_cat_photos(perseg_dir, root, SIDE)
     mask.resize((SIDE // 2, SIDE // 2), Image.NEAREST).save(root / "small_mask.png")
     Image.fromarray(np.zeros((SIDE, SIDE), np.uint8)).save(root / "empty_mask.png")
     Image.fromarray(np.full((SIDE, SIDE), 255, np.uint8)).save(root / "full_mask.png")
     (root / "broken.jpg").write_bytes(b"this is not a jpeg")
     return root
-
-
-def model_args(checkpoint):
-    return ["--model", "vit_t", "--checkpoint", str(checkpoint), "-q"]
-
-
-def ref_args(data):
-    return ["--ref-image", str(data / "ref.jpg"), "--ref-mask", str(data / "ref.png")]
-
-
-def run_cli(argv):
-    return cli.main([str(a) for a in argv])
-
-
-def error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    errors = [line for line in err if line.startswith("persam: error:")]
-    assert len(errors) == 1, err
-    return errors[0]
 
 
 @pytest.fixture(scope="module")

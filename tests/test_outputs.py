@@ -12,8 +12,6 @@ encoder is memoised per image content; every test uses one or two small target i
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import signal
@@ -28,10 +26,10 @@ import pytest
 import torch
 from PIL import Image
 
-from persam import cli
 from persam.io import InputError, atomic_save_png, atomic_write_bytes, atomic_write_text
 from persam.run import LOCK_FILE, RunOptions, output_files, output_lock, plan_targets
-from sam.predictor import SamPredictor
+
+from cli_testing import error_line, memoized_encoder, model_args, ref_args, run_cli, strict_json, write_cat_photos
 
 SIDE = 128
 
@@ -42,21 +40,8 @@ SIDE = 128
 
 @pytest.fixture(scope="module", autouse=True)
 def memo_encoder():
-    """Encode each distinct image once for the whole module (same features as re-encoding)."""
-    cache = {}
-    original = SamPredictor.set_torch_image
-
-    def set_torch_image(self, resized_image, original_size):
-        key = (hashlib.sha1(resized_image.cpu().numpy().tobytes()).hexdigest(), tuple(original_size), self.precision)
-        if key not in cache:
-            original(self, resized_image, original_size)
-            cache[key] = self.features.clone()
-            return self.features
-        self.set_embedding(cache[key].clone(), original_size, tuple(resized_image.shape[-2:]))
-        return self.features
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(SamPredictor, "set_torch_image", set_torch_image)
+    """Encode each distinct image once for the whole module."""
+    with memoized_encoder():
         yield
 
 
@@ -69,39 +54,8 @@ def checkpoint(random_vit_t_checkpoint):
 def data(perseg_dir, tmp_path_factory):
     """ref.jpg / ref.png (cat 00), targets/01.jpg and targets/02.jpg, downscaled."""
     root = tmp_path_factory.mktemp("data")
-    (root / "targets").mkdir()
-    for name, dest in (("00", root / "ref.jpg"), ("01", root / "targets" / "01.jpg"), ("02", root / "targets" / "02.jpg")):
-        Image.open(perseg_dir / "Images" / "cat" / f"{name}.jpg").convert("RGB").resize((SIDE, SIDE)).save(dest)
-    mask = Image.open(perseg_dir / "Annotations" / "cat" / "00.png").convert("L").resize((SIDE, SIDE), Image.NEAREST)
-    mask.save(root / "ref.png")
+    write_cat_photos(perseg_dir, root, SIDE)
     return root
-
-
-def model_args(checkpoint):
-    return ["--model", "vit_t", "--checkpoint", str(checkpoint), "-q"]
-
-
-def ref_args(data):
-    return ["--ref-image", str(data / "ref.jpg"), "--ref-mask", str(data / "ref.png")]
-
-
-def run_cli(argv):
-    return cli.main([str(a) for a in argv])
-
-
-def error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    errors = [line for line in err if line.startswith("persam: error:")]
-    assert len(errors) == 1, err
-    return errors[0]
-
-
-def strict_json(path):
-    """results.json parsed by a strict parser: NaN, Infinity and -Infinity are errors."""
-    def refuse(constant):
-        raise ValueError(f"{path} holds {constant}")
-
-    return json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
 
 
 def listing(folder):

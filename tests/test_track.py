@@ -11,7 +11,6 @@ frame seen by an earlier run costs only the decoder.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 
 import cv2
@@ -19,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
+from cli_testing import error_line, model_args, run_cli, strict_json
 from conftest import DAVIS
-from persam import cli
 from persam.io import load_image, load_label_map, load_mask
 from sam.predictor import SamPredictor
 
@@ -123,28 +122,6 @@ def lossless_video(car, tmp_path_factory):
     decoded, _ = read_video(path)
     assert len(decoded) == 40 and all(np.array_equal(a, b) for a, b in zip(decoded, frames))
     return path
-
-
-def model_args(checkpoint):
-    return ["--model", "vit_t", "--checkpoint", str(checkpoint), "-q"]
-
-
-def run_cli(argv):
-    return cli.main([str(a) for a in argv])
-
-
-def error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    errors = [line for line in err if line.startswith("persam: error:")]
-    assert len(errors) == 1, err
-    return errors[0]
-
-
-def strict_json(path):
-    def refuse(name):
-        raise ValueError(f"{path}: {name} is not strict JSON")
-
-    return json.loads(path.read_text(), parse_constant=refuse)
 
 
 def overlay_frames(out):

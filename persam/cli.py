@@ -34,6 +34,7 @@ from typing import Optional, Sequence
 from pathlib import Path
 
 from sam.download import MODELS, DownloadError, download_checkpoint
+from sam.memory import reuse_freed_memory
 from sam.backends import BACKEND_CHOICES
 from sam.predictor import PRECISIONS
 
@@ -609,6 +610,7 @@ def _check_precision(args: argparse.Namespace) -> bool:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    reuse_freed_memory()  # see sam/memory.py: the decoder's temporaries are reused, not faulted in
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

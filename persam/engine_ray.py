@@ -118,8 +118,11 @@ class Segmenter:
     def __init__(self, model: WorkerModel, concept, options: RunOptions, cpus: float = 1.0) -> None:
         import torch
 
+        from sam.memory import reuse_freed_memory
+
         from .models import build_predictor
 
+        reuse_freed_memory()  # the worker process is the engine's own, as the persam command's is
         if model.device == "cpu":
             torch.set_num_threads(max(1, int(cpus)))
         if model.checkpoint_sha256:

@@ -58,12 +58,16 @@ def guided_prediction(
     labels: np.ndarray,
     attention: torch.Tensor,
     embedding: torch.Tensor,
+    full_size: bool = True,
 ) -> Prediction:
-    """The first PerSAM prediction: location prior points, guidance on, single mask (mask token 0)."""
+    """The first PerSAM prediction: location prior points, guidance on, single mask (mask token 0).
+
+    full_size=False: the low-res logits only (see SamPredictor.predict)."""
     return predictor.predict(
         point_coords=points,
         point_labels=labels,
         multimask_output=False,
         attention_similarity=attention,
         target_embedding=embedding,
+        full_size=full_size,
     )

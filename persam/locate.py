@@ -35,15 +35,35 @@ def _pixels_to_points(flat_indices: torch.Tensor, width: int) -> np.ndarray:
     return torch.stack([cols, rows], dim=1).cpu().numpy().astype(np.float32)  # (x, y)
 
 
+def _top_indices(similarity: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """Flat indices of the k largest (or smallest) values of an H x W map, as `topk` gives them.
+
+    For k = 1 `topk` over at least 64 values keeps the first of equal extremes (a heap
+    selection with a strict comparison); the first extreme in row-major order is found here
+    from the row extremes, several times quicker. Ties are common: the map is upscaled, so
+    an extreme at a border cell is repeated over several pixels. A NaN, a smaller map or
+    another k go to `topk` itself. tests/test_persam_steps.py checks the two agree.
+    """
+    flat = similarity.flatten()
+    if k != 1 or similarity.dim() != 2 or similarity.numel() < 64:
+        return flat.topk(k, largest=largest).indices if k > 0 else flat.new_zeros(0, dtype=torch.long)
+    rows = similarity.amax(dim=1) if largest else similarity.amin(dim=1)
+    row = int(rows.argmax() if largest else rows.argmin())  # the first row holding the extreme
+    if torch.isnan(rows[row]):
+        return flat.topk(1, largest=largest).indices
+    values = similarity[row]
+    column = int(values.argmax() if largest else values.argmin())  # its first column
+    return torch.tensor([row * similarity.shape[1] + column], device=flat.device)
+
+
 def select_points(similarity: torch.Tensor, k_positive: int = 1, k_negative: int = 1) -> Tuple[np.ndarray, np.ndarray]:
     """Location prior on an H x W similarity map.
 
     Returns points N x 2 as (x, y) and labels N: the `k_positive` most similar
     pixels (label 1) followed by the `k_negative` least similar (label 0).
     """
-    flat = similarity.flatten()
-    positives = flat.topk(k_positive).indices
-    negatives = flat.topk(k_negative, largest=False).indices if k_negative > 0 else positives[:0]
+    positives = _top_indices(similarity, k_positive, largest=True)
+    negatives = _top_indices(similarity, k_negative, largest=False)
     width = similarity.shape[1]
     points = np.concatenate([_pixels_to_points(positives, width), _pixels_to_points(negatives, width)])
     labels = np.concatenate([np.ones(k_positive, np.int64), np.zeros(k_negative, np.int64)])

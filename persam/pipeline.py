@@ -16,7 +16,7 @@ from sam.predictor import SamPredictor
 from .finetune import FinetuneSettings, learn_scale_weights
 from .guide import attention_similarity, guided_prediction
 from .locate import select_points, similarity_grid, similarity_map
-from .refine import best_mask, mask_box, mixed_mask, refine_with_box, refine_with_mask
+from .refine import best_upscaled, mask_box, mixed_mask, refine_with_box, refine_with_mask
 from .target import mask_area_on_grid, pool_target_features, target_cells, target_embedding, target_features, target_vector
 
 METHODS = ("persam", "persam_f")
@@ -217,8 +217,8 @@ def _persam_steps(
         negative, _ = select_points(negative_similarity, k_positive=0, k_negative=1)
         points = np.concatenate([points[:1], negative])
     attention = attention_similarity(similarity, predictor.input_size, predictor.features.shape[-1], predictor.model.img_size)
-    first = guided_prediction(predictor, points, labels, attention, concept.target_embedding)
-    choice = best_mask(first)
+    first = guided_prediction(predictor, points, labels, attention, concept.target_embedding, full_size=False)
+    choice = best_upscaled(predictor, first)  # brought to full size only if refinement 1 comes out empty
     choice = refine_with_mask(predictor, points, labels, choice)
     choice = refine_with_box(predictor, points, labels, choice)
     return choice, points, labels

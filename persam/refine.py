@@ -7,11 +7,12 @@ to draw, and the last non-empty mask is kept instead of crashing.
 
 The refinements decode at the decoder's resolution and bring only the chosen
 mask to the image size (`best_upscaled`): the same mask, logits and box as
-upscaling all three candidates, for a third of the upscaling.
+upscaling all three candidates, for a third of the upscaling. The chosen mask is
+brought to full size when it is first read, so the guided prediction, passed on
+as refinement 1's mask prompt, is upscaled only if refinement 1 comes out empty.
 """
 
-from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -21,14 +22,49 @@ from sam.predictor import Prediction, SamPredictor
 from .finetune import mix_logits
 
 
-@dataclass
 class MaskChoice:
-    """One chosen mask: H x W bool, its 256 x 256 logits, predicted IoU and full-size logits."""
+    """One chosen mask: H x W bool, its 256 x 256 logits, predicted IoU and full-size logits.
 
-    mask: np.ndarray
-    low_res_logits: np.ndarray
-    iou_score: float
-    logits: Optional[np.ndarray] = None
+    Given `upscale` (low-res logits 1 x 1 x 256 x 256 -> 1 x 1 x H x W) instead of the mask,
+    the full-size logits and mask are made when first read: a choice that is only passed on
+    as the next mask prompt is never brought to full size.
+    """
+
+    def __init__(
+        self,
+        mask: Optional[np.ndarray],
+        low_res_logits: np.ndarray,
+        iou_score: float,
+        logits: Optional[np.ndarray] = None,
+        upscale: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        threshold: float = 0.0,
+    ) -> None:
+        if mask is None and upscale is None:
+            raise ValueError("a MaskChoice needs its mask or a way to upscale its low-res logits")
+        self.low_res_logits = low_res_logits
+        self.iou_score = iou_score
+        self._mask = mask
+        self._logits = logits
+        self._upscale = upscale
+        self._threshold = threshold
+
+    def _bring_to_full_size(self) -> None:
+        low_res = torch.from_numpy(np.ascontiguousarray(self.low_res_logits))[None, None]
+        self._logits = self._upscale(low_res)[0, 0].cpu().numpy()
+        self._mask = self._logits > self._threshold
+        self._upscale = None
+
+    @property
+    def mask(self) -> np.ndarray:
+        if self._mask is None:
+            self._bring_to_full_size()
+        return self._mask
+
+    @property
+    def logits(self) -> Optional[np.ndarray]:
+        if self._logits is None and self._upscale is not None:
+            self._bring_to_full_size()
+        return self._logits
 
     @property
     def is_empty(self) -> bool:
@@ -48,11 +84,11 @@ def best_mask(prediction: Prediction) -> MaskChoice:
 
 def best_upscaled(predictor: SamPredictor, prediction: Prediction) -> MaskChoice:
     """`best_mask` of a prediction decoded with full_size=False: only the chosen mask's low-res
-    logits are brought to the original size (the very values `best_mask` would get)."""
+    logits are brought to the original size (the very values `best_mask` would get), and only
+    when its mask or logits are first read."""
     index = int(np.argmax(prediction.iou_scores))
-    low_res = prediction.low_res_logits[index]
-    logits = predictor.upscale(torch.from_numpy(low_res)[None, None])[0, 0].cpu().numpy()
-    return MaskChoice(logits > predictor.model.mask_threshold, low_res, float(prediction.iou_scores[index]), logits)
+    return MaskChoice(None, prediction.low_res_logits[index], float(prediction.iou_scores[index]),
+                      upscale=predictor.upscale, threshold=predictor.model.mask_threshold)
 
 
 def mixed_mask(prediction: Prediction, scale_weights: torch.Tensor) -> MaskChoice:

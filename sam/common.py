@@ -1,8 +1,9 @@
 """Small building blocks shared by the SAM components."""
 
-from typing import Type
+from typing import Optional, Type
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -29,7 +30,31 @@ class LayerNorm2d(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            # channels last: the channels of each pixel are contiguous, a plain layer norm (one pass)
+            pixels = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias, self.eps)
+            return pixels.permute(0, 3, 1, 2)
         mean = x.mean(1, keepdim=True)
         var = (x - mean).pow(2).mean(1, keepdim=True)
         x = (x - mean) * torch.rsqrt(var + self.eps)
         return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], gelu: bool = False) -> torch.Tensor:
+    """x (N x K) @ weight^T (weight N_out x K) + bias, then the exact GELU if `gelu`: N x N_out.
+
+    On a CPU, in fp32 inference, this is oneDNN's fused linear (the operator PyTorch's own
+    compiler emits for linear + activation): the bias and the GELU are applied as the product
+    is written, instead of as passes of their own over the output, which for the decoder's
+    image-sized products took as long as the product itself. Elsewhere (GPU, autograd, an
+    export or compilation, a torch without oneDNN) it is F.linear and F.gelu.
+    """
+    exporting = torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+    fused = None if exporting or x.device.type != "cpu" else getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if (fused is not None and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.dim() == 2
+            and torch.backends.mkldnn.is_available()
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        return fused(x.contiguous(), weight.contiguous(), bias, "gelu" if gelu else "none", [],
+                     "none" if gelu else "")
+    out = F.linear(x, weight, bias)
+    return F.gelu(out) if gelu else out

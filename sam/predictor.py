@@ -129,6 +129,7 @@ class SamPredictor:
 
     def reset_image(self) -> None:
         self.features: Optional[torch.Tensor] = None
+        self._decoder_features: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self.original_size: Optional[Tuple[int, int]] = None
         self.input_size: Optional[Tuple[int, int]] = None
 
@@ -278,7 +279,7 @@ class SamPredictor:
 
         sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
         low_res, iou_scores = self.model.mask_decoder(
-            image_embeddings=self.features,
+            image_embeddings=self.decoder_features(),
             image_pe=self.model.prompt_encoder.get_dense_pe(),
             image_pe_tokens=self.model.prompt_encoder.get_dense_pe_tokens(),
             sparse_prompt_embeddings=sparse,
@@ -291,6 +292,13 @@ class SamPredictor:
             return Prediction(None, iou_scores, low_res, None)
         logits = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
         return Prediction(logits > self.model.mask_threshold, iou_scores, low_res, logits)
+
+    def decoder_features(self) -> torch.Tensor:
+        """`features` in the decoder's layout, channels last (the image tokens hw x C contiguous),
+        made once per image: the decoder would otherwise transpose them at every call."""
+        if self._decoder_features is None or self._decoder_features[0] is not self.features:
+            self._decoder_features = (self.features, self.features.contiguous(memory_format=torch.channels_last))
+        return self._decoder_features[1]
 
     def upscale(self, low_res: torch.Tensor) -> torch.Tensor:
         """Any B x M x 256 x 256 map of the current image -> B x M x H x W (as mask logits are)."""

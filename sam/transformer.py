@@ -18,7 +18,7 @@ Two PerSAM hooks, both off by default (then this is exactly SAM):
 """
 
 import math
-from typing import Optional, Tuple, Type
+from typing import Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -66,23 +66,24 @@ class TwoWayTransformer(nn.Module):
         attention_similarity: Optional[torch.Tensor] = None,
         target_embedding: Optional[torch.Tensor] = None,
         image_pe_tokens: Optional[torch.Tensor] = None,
+        output_tokens: Optional[Sequence[int]] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """image_embedding, image_pe: B x C x h x w; point_embedding: B x N x C.
 
         image_pe_tokens: image_pe as contiguous 1 x hw x C tokens when the caller has it
         (PromptEncoder.get_dense_pe_tokens caches it); computed here otherwise.
-        """
-        keys = image_embedding.flatten(2).transpose(1, 2)
-        # The positional term in both layouts: the transposed view matches the keys of the first
-        # block (a view of the B x C x h x w input), the contiguous copy the keys after each block's
-        # norm. Adding tensors of one layout is a plain pass; mixing them was a strided one, ten
-        # times slower. The sums are the same numbers either way.
-        key_pe_view = image_pe.flatten(2).transpose(1, 2)
-        key_pe_tokens = image_pe_tokens if image_pe_tokens is not None else key_pe_view.contiguous()
-        key_pe_tokens = key_pe_tokens.expand(key_pe_view.shape)
+        output_tokens: indices of the tokens whose final values are wanted: the final attention
+        runs for those alone and the returned queries are B x len(output_tokens) x C, in that
+        order; None: all N.
 
-        def key_pe_like(keys: torch.Tensor) -> torch.Tensor:
-            return key_pe_tokens if keys.is_contiguous() else key_pe_view
+        The image tokens are kept contiguous, hw x C (a channels-last image_embedding is
+        already so, anything else is copied once): sums and norms over tensors of one layout
+        are plain passes, mixed layouts were strided ones, ten times slower.
+        """
+        keys = image_embedding.flatten(2).transpose(1, 2).contiguous()
+        if image_pe_tokens is None:
+            image_pe_tokens = image_pe.flatten(2).transpose(1, 2).contiguous()
+        key_pe = image_pe_tokens.expand(keys.shape)
 
         attention_bias = None
         if attention_similarity is not None:
@@ -96,12 +97,14 @@ class TwoWayTransformer(nn.Module):
         for index, layer in enumerate(self.layers):
             if target_embedding is not None and index > 0:
                 queries = queries + target
-            queries, keys = layer(queries, keys, query_pe, key_pe_like(keys), attention_bias)
+            queries, keys = layer(queries, keys, query_pe, key_pe, attention_bias)
 
-        q = queries + query_pe
+        kept = slice(None) if output_tokens is None else list(output_tokens)
+        queries = queries[:, kept]
+        q = queries + query_pe[:, kept]
         if target_embedding is not None:
             q = q + target
-        attn_out = self.final_attn_token_to_image(q=q, k=keys + key_pe_like(keys), v=keys)
+        attn_out = self.final_attn_token_to_image(q=q, k=keys + key_pe, v=keys)
         queries = self.norm_final_attn(queries + attn_out)
         return queries, keys
 
@@ -157,7 +160,24 @@ class TwoWayAttentionBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention whose projections may shrink the width by `downsample_rate`."""
+    """Multi-head attention whose projections may shrink the width by `downsample_rate`.
+
+    The decoder's cross-attentions are lopsided: a handful of prompt tokens against the
+    h x w image tokens. There the projections of the image side (the costly part: L x C by
+    C x C/r, twice) are folded into the few tokens' side, which gives the same attention
+    with the products taken in another order:
+
+      few queries (token-to-image), per head h with Q_h = q_proj(q)_h:
+          scores_h = (Q_h W_k,h) k^T + Q_h b_k,h
+          out_h    = (softmax(scores_h) v) W_v,h^T + b_v,h     (softmax rows sum to 1)
+      few keys (image-to-token), per head h with K_h, V_h the projected tokens:
+          scores_h = q (W_q,h^T K_h^T) + b_q,h K_h^T
+          out      = sum_h softmax(scores_h) (V_h W_o,h^T) + b_o
+
+    Each is taken when heads x (the few tokens) < internal width, i.e. when it needs fewer
+    multiply-adds than the projections it replaces (a third to a half of the decoder's work
+    for SAM's prompts). The values agree with `attend_plain` to float rounding (~1e-6).
+    """
 
     def __init__(self, embedding_dim: int, num_heads: int, downsample_rate: int = 1) -> None:
         super().__init__()
@@ -176,6 +196,14 @@ class Attention(nn.Module):
         batch, tokens, channels = x.shape
         return x.reshape(batch, tokens, self.num_heads, channels // self.num_heads).transpose(1, 2)
 
+    def _head_weights(self, linear: nn.Linear) -> Tuple[torch.Tensor, torch.Tensor]:
+        """A projection to the internal width as heads x C/heads x C weights and heads x C/heads biases."""
+        return (linear.weight.reshape(self.num_heads, -1, linear.weight.shape[-1]),
+                linear.bias.reshape(self.num_heads, -1))
+
+    def _folds_cheaper(self, few: int) -> bool:
+        return self.num_heads * few < self.internal_dim
+
     def forward(
         self,
         q: torch.Tensor,
@@ -188,6 +216,17 @@ class Attention(nn.Module):
         attention_bias (B x 1 x 1 x Nk) is added to the softmax-normalised
         attention, which is then normalised again (PerSAM's target guidance).
         """
+        queries, keys = q.shape[1], k.shape[1]
+        if queries < keys and self._folds_cheaper(queries):
+            return self.attend_few_queries(q, k, v, attention_bias)
+        if keys < queries and attention_bias is None and self._folds_cheaper(keys):
+            return self.attend_few_keys(q, k, v)
+        return self.attend_plain(q, k, v, attention_bias)
+
+    def attend_plain(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_bias: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Project q, k and v, attend per head, project back (SAM's own order of products)."""
         q = self._split_heads(self.q_proj(q))
         k = self._split_heads(self.k_proj(k))
         v = self._split_heads(self.v_proj(v))
@@ -199,3 +238,45 @@ class Attention(nn.Module):
             out = attn @ v
         batch, _, tokens, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(batch, tokens, self.internal_dim))
+
+    def attend_few_queries(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_bias: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """q: B x T x C (few), k and v: B x L x C -> B x T x C, with k and v never projected.
+
+        The key bias adds a constant to each query's scores, which the softmax over the keys
+        takes away: it is left out.
+        """
+        batch, tokens, _ = q.shape
+        head_dim = self.internal_dim // self.num_heads
+        k_weight, _ = self._head_weights(self.k_proj)
+        v_weight, v_bias = self._head_weights(self.v_proj)
+        queries = self._split_heads(self.q_proj(q)) / math.sqrt(head_dim)  # B x H x T x d
+        folded = (queries @ k_weight).reshape(batch, -1, k.shape[-1])  # B x HT x C
+        # L x HT is the quick product on a CPU (the long axis as rows); the softmax wants HT x L
+        attn = torch.softmax((k @ folded.transpose(1, 2)).transpose(1, 2), dim=-1)  # B x HT x L
+        if attention_bias is not None:
+            attn = torch.softmax(attn + attention_bias.reshape(attention_bias.shape[0], 1, -1), dim=-1)
+        mixed = (attn @ v).reshape(batch, self.num_heads, tokens, -1)  # B x H x T x C
+        out = mixed @ v_weight.transpose(1, 2) + v_bias[:, None]  # B x H x T x d
+        return self.out_proj(out.transpose(1, 2).reshape(batch, tokens, self.internal_dim))
+
+    def attend_few_keys(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: B x L x C, k and v: B x T x C (few) -> B x L x C, with q never projected.
+
+        The softmax over the few keys runs on the scores laid out B x (heads x T) x L, along
+        the long contiguous axis (over a short last axis it is many times slower). Each head's
+        attention sums to 1, so the output bias rides in the product as b_o / heads per token.
+        """
+        batch, length, channels = q.shape
+        head_dim = self.internal_dim // self.num_heads
+        q_weight, q_bias = self._head_weights(self.q_proj)
+        keys = self._split_heads(self.k_proj(k)) / math.sqrt(head_dim)  # B x H x T x d
+        values = self._split_heads(self.v_proj(v))  # B x H x T x d
+        folded = (keys @ q_weight).reshape(batch, -1, channels)  # B x HT x C
+        offset = (keys @ q_bias[:, :, None]).reshape(batch, -1, 1)  # B x HT x 1, constant along L
+        scores = (q @ folded.transpose(1, 2)).transpose(1, 2) + offset  # B x HT x L, contiguous
+        attn = torch.softmax(scores.reshape(batch, self.num_heads, -1, length), dim=2)  # over the few keys
+        out_weight = self.out_proj.weight.reshape(channels, self.num_heads, head_dim).permute(1, 2, 0)  # H x d x C
+        projected = (values @ out_weight + self.out_proj.bias / self.num_heads).reshape(batch, -1, channels)
+        return attn.reshape(batch, -1, length).transpose(1, 2) @ projected  # B x L x C

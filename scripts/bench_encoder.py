@@ -34,6 +34,8 @@ the torch rows run, and the peak memory is the GPU's.
 
 Rows that need a package that is missing (segment-anything, openvino, onnxruntime) are skipped
 with a note. Outputs in --out (default runs/bench_encoder): bench_encoder.csv and .json.
+Every row's process makes malloc reuse freed memory, as the `persam` command does
+(sam/memory.py; --default-malloc keeps glibc's defaults in every row, to compare).
 A quick end-to-end check: --models vit_t --repeats 1 --img-size 1024 (ViT also at --img-size 256).
 """
 
@@ -188,6 +190,10 @@ def plain_export(encoder: torch.nn.Module, img_size: int, path: Path) -> None:
 def worker(spec: dict) -> dict:
     """Build the row's runner, time it, save its embedding; returns the row's numbers."""
     torch.set_num_threads(spec["threads"])
+    if not spec["default_malloc"]:
+        from sam.memory import reuse_freed_memory
+
+        reuse_freed_memory()  # every row alike, as in the persam command
     row, batch = spec["row"], spec["batch_size"]
     device = torch.device(spec["device"])
     if device.type != "cpu" and not row.endswith("torch"):
@@ -306,6 +312,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--img-size", type=int, default=1024, help="input side (1024; 256 for a quick ViT check)")
     parser.add_argument("--out", default=str(REPO / "runs" / "bench_encoder"), help="folder for the CSV and JSON")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="every row with glibc's malloc defaults (by default every row reuses freed memory, "
+                             "as the persam command does: sam/memory.py)")
     return parser.parse_args(argv)
 
 
@@ -338,7 +347,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             sys.exit(f"--device {args.device}: no CUDA device is available")
         hardware += f"; {torch.cuda.get_device_name(0)}, torch rows on {args.device} in {args.precision}"
     load = "load average %.2f %.2f %.2f" % os.getloadavg() if hasattr(os, "getloadavg") else ""
-    print(f"bench_encoder {time.strftime('%Y-%m-%d')}: {hardware}; {', '.join(versions)}; {load}")
+    malloc = "glibc malloc defaults" if args.default_malloc else "malloc reuses freed memory in every row (as persam)"
+    print(f"bench_encoder {time.strftime('%Y-%m-%d')}: {hardware}; {', '.join(versions)}; {malloc}; {load}")
     peak = sgemm_peak(args.threads, device=args.device)
     print(f"  measured sgemm peak: {peak:.0f} GFLOP/s (torch.mm 4096^2 fp32 on {args.device}"
           f"{'' if args.device != 'cpu' else f', {args.threads} threads'})", flush=True)
@@ -359,7 +369,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 spec = {"row": row, "model": model_type, "checkpoint": args.checkpoint, "seed": args.seed,
                         "img_size": args.img_size, "threads": args.threads, "repeats": max(1, args.repeats),
                         "batch_size": max(1, args.batch_size), "work": work, "device": args.device,
-                        "precision": args.precision}
+                        "precision": args.precision, "default_malloc": args.default_malloc}
                 print(f"  {row} ...", flush=True)
                 result = run_row(spec)
                 if result is not None:

@@ -22,8 +22,15 @@ build or cache load, learning the concept (and PerSAM-F's fine-tuning with --fin
 Then, unless --no-cli, `persam segment` itself runs twice in this process on copies of the
 photos (once on one photo, once on all) and the difference of the two wall times per extra
 photo is the command's time per photo, everything included but model loading.
-Random weights when no checkpoint is given: the work, and so the time, is nearly the same
-(random masks may skip the box refinement; the number of decoder calls is printed).
+Then PerSAM's three decoder calls on the last photo are timed side by side, alternating, with
+our decoder and with SAM's order of operations (projected attention, transposed convolutions,
+channels-first layout), and their ratio printed.
+Random weights when no checkpoint is given: the work, and so the time, is the same. Random
+masks would be empty and skip the box refinement, so the random checkpoint is shifted to give
+masks over the whole photo and every photo takes the three decoder calls of a real model
+(--empty-masks: as they are; the number of decoder calls per photo is printed). Like the
+`persam` command, the script makes malloc reuse freed memory (sam/memory.py; --default-malloc
+keeps glibc's defaults, to compare).
 """
 
 import argparse
@@ -89,7 +96,10 @@ def build(args):
         folder = tempfile.mkdtemp(prefix="bench_pipeline_")
         atexit.register(shutil.rmtree, folder, True)
         checkpoint = Path(folder) / f"{args.model}-random.pt"
-        torch.save(random_state_dict(build_sam_model(args.model), seed=0), checkpoint)
+        state = random_state_dict(build_sam_model(args.model), seed=0)
+        if not args.empty_masks:
+            make_masks_non_empty(state)
+        torch.save(state, checkpoint)
     predictor = build_predictor(args.model, Path(checkpoint), "cpu", args.precision, args.backend)
     one_time["model load"] = time.perf_counter() - start
     start = time.perf_counter()
@@ -98,6 +108,29 @@ def build(args):
     if getattr(runner, "build_seconds", 0.0):
         one_time[f"  of which the one-time {predictor.backend} export"] = runner.build_seconds
     return predictor, Path(checkpoint), one_time
+
+
+def sgemm_peak(size: int = 2048, repeats: int = 10) -> float:
+    """Best fp32 matrix-multiply rate of the CPU now, GFLOP/s."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best / 1e9
+
+
+def make_masks_non_empty(state) -> None:
+    """Shift one channel of the upscaled mask features and of every mask token's weights, so that
+    the random model's masks cover the image: random masks are empty, which skips the box
+    refinement, while a real model takes all three decoder calls. The work of a call does not
+    depend on the values."""
+    state["mask_decoder.output_upscaling.3.bias"][0] = 10.0
+    for key in state:
+        if key.startswith("mask_decoder.output_hypernetworks_mlps.") and key.endswith(".layers.2.bias"):
+            state[key][0] = 10.0
 
 
 def main() -> int:
@@ -116,7 +149,16 @@ def main() -> int:
     parser.add_argument("--no-cli", action="store_true", help="skip the end-to-end `persam segment` runs")
     parser.add_argument("--profile", action="store_true",
                         help="also print torch's operator profile of locate + decode (where the time goes)")
+    parser.add_argument("--empty-masks", action="store_true",
+                        help="random weights as they are: empty masks, so the box refinement is skipped")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="keep glibc's malloc defaults (the persam command sets sam.memory.reuse_freed_memory)")
     args = parser.parse_args()
+    malloc = "glibc defaults"
+    if not args.default_malloc:
+        from sam.memory import reuse_freed_memory
+
+        malloc = "freed memory reused (as the persam command)" if reuse_freed_memory() else "unchanged"
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -124,9 +166,10 @@ def main() -> int:
     from persam.io import encode_png, load_image, load_mask
     from persam.locate import select_points, similarity_grid, similarity_map
     from persam.pipeline import learn_concept
-    from persam.refine import best_mask, mixed_mask, refine_with_box, refine_with_mask
+    from persam.refine import best_upscaled, mixed_mask, refine_with_box, refine_with_mask
     from persam.visualize import overlay
 
+    peak_before = sgemm_peak()
     predictor, checkpoint, one_time = build(args)
     reference = SHARED / "perseg_subset" / "Images" / args.ref_class / "00.jpg"
     reference_mask = SHARED / "perseg_subset" / "Annotations" / args.ref_class / "00.png"
@@ -175,8 +218,8 @@ def main() -> int:
                 t = time.perf_counter()
                 with profiler if (args.profile and len(steps["decode"]) == 1) else contextlib.nullcontext():
                     if concept.method == "persam":
-                        choice = best_mask(guided_prediction(predictor, points, labels, attention,
-                                                             concept.target_embedding))
+                        choice = best_upscaled(predictor, guided_prediction(
+                            predictor, points, labels, attention, concept.target_embedding, full_size=False))
                         choice = refine_with_box(predictor, points, labels,
                                                  refine_with_mask(predictor, points, labels, choice))
                     else:
@@ -185,6 +228,7 @@ def main() -> int:
                                             concept.scale_weights)
                         choice = refine_with_box(predictor, points, labels,
                                                  refine_with_box(predictor, points, labels, choice))
+                choice.mask  # the final mask at full size, as segment returns it
                 steps["decode"].append(time.perf_counter() - t)
                 steps["  upscale"].append(upscale.take()[0])
                 decoder_calls.append(decoder.take()[1] // 2)  # prompt encoder + mask decoder per call
@@ -212,7 +256,9 @@ def main() -> int:
     print(f"{time.strftime('%Y-%m-%d')}: {args.model}, backend {predictor.backend}, {args.precision}, "
           f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs; method {concept.method}; "
           f"{len(photos)} photos of {Path(args.photos).name} ({size[1]} x {size[0]} first) x {args.repeats}, "
-          f"batch {args.batch_size}; decoder calls per photo: {statistics.median(decoder_calls):.0f}")
+          f"batch {args.batch_size}; decoder calls per photo: {statistics.median(decoder_calls):.0f}; malloc: {malloc}")
+    print(f"machine state: sgemm peak {peak_before:.0f} GFLOP/s before the run, "
+          f"{sgemm_peak():.0f} after (torch.mm 2048^2 fp32; a busy or throttled machine shows here)")
     print("one-time:")
     for name, seconds in one_time.items():
         print(f"  {name:<44} {seconds:8.3f} s")
@@ -224,6 +270,8 @@ def main() -> int:
     total = sum(v for k, v in medians.items() if not k.startswith(" "))
     print(f"  {'sum':<44} {total:8.3f} s")
 
+    if concept.method == "persam":
+        decoder_side_by_side(predictor, points, labels, attention, concept.target_embedding, args.repeats)
     if args.profile:
         print("decode, torch operators (one photo):")
         print(profiler.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=15,
@@ -232,6 +280,45 @@ def main() -> int:
     if not args.no_cli:
         cli_per_photo(args, checkpoint, reference, reference_mask, photos)
     return 0
+
+
+def decoder_side_by_side(predictor, points, labels, attention, target_embedding, repeats: int) -> None:
+    """PerSAM's three decoder calls on the last photo, with our decoder and with SAM's order of
+    operations (projected attention, transposed convolutions, channels-first layout; see
+    tests/sam_testing.py), alternating, median per call."""
+    from persam.guide import guided_prediction
+    from sam_testing import sams_order_of_operations
+
+    height, width = predictor.original_size
+    box = np.array([width * 0.2, height * 0.2, width * 0.8, height * 0.8], np.float32)
+
+    def calls():
+        times = []
+        t = time.perf_counter()
+        first = guided_prediction(predictor, points, labels, attention, target_embedding, full_size=False)
+        times.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        second = predictor.predict(points, labels, mask_input=first.low_res_logits[:1], full_size=False)
+        times.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        best = int(np.argmax(second.iou_scores))
+        predictor.predict(points, labels, box=box, mask_input=second.low_res_logits[best:best + 1], full_size=False)
+        times.append(time.perf_counter() - t)
+        return times
+
+    measured = {"SAM's order": [], "ours": []}
+    for _ in range(max(5, 5 * repeats)):
+        with sams_order_of_operations():
+            measured["SAM's order"].append(calls())
+        measured["ours"].append(calls())
+    print("decoder calls, side by side (median ms per call; prompt encoder + mask decoder, low-res output):")
+    print(f"  {'':<14}{'guided':>9}{'refine 1':>10}{'refine 2':>10}{'sum':>9}")
+    medians = {}
+    for name, runs in measured.items():
+        medians[name] = [statistics.median(run[i] for run in runs) * 1000 for i in range(3)]
+        print(f"  {name:<14}" + "".join(f"{m:>9.1f} " for m in medians[name]) + f"{sum(medians[name]):>8.1f}")
+    ratio = sum(medians["ours"]) / sum(medians["SAM's order"])
+    print(f"  ours / SAM's order: {ratio:.2f}")
 
 
 def cli_per_photo(args, checkpoint, reference, reference_mask, photos) -> None:

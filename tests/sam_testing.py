@@ -1,7 +1,9 @@
-"""Helpers for tests: seeded random SAM weights and the matching official model."""
+"""Helpers for tests: seeded random SAM weights, the matching official model, SAM's own order
+of operations in our decoder."""
 
+from contextlib import contextmanager
 from functools import partial
-from typing import Dict
+from typing import Dict, Iterator
 
 import torch
 
@@ -90,3 +92,37 @@ def _official_structure(segment_anything, model_type: str, img_size: int):
             iou_head_hidden_dim=256,
         ),
     )
+
+
+def conv_mask_logits(decoder, src, hyper_in, height, width):
+    """SAM's own output stage: tokens back to an image, the two transposed convolutions, the product."""
+    batch, _, channels = src.shape
+    upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(batch, channels, height, width))
+    b, c, h, w = upscaled.shape
+    return (hyper_in @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
+
+
+@contextmanager
+def sams_order_of_operations() -> Iterator[None]:
+    """Our decoder computing as Meta's segment_anything does, for comparisons: projected
+    attention (no folding), the transposed convolutions in image layout, channels-first
+    features and mask embedding. Patches the classes while the context is open."""
+    from sam.mask_decoder import MaskDecoder
+    from sam.predictor import SamPredictor
+    from sam.prompt_encoder import PromptEncoder
+    from sam.transformer import Attention
+
+    patches = [
+        (Attention, "forward", Attention.attend_plain),
+        (MaskDecoder, "mask_logits", conv_mask_logits),
+        (SamPredictor, "decoder_features", lambda self: self.features.contiguous()),
+        (PromptEncoder, "embed_masks", lambda self, masks: self.mask_downscaling(masks)),
+    ]
+    saved = [(owner, name, owner.__dict__[name]) for owner, name, _ in patches]
+    try:
+        for owner, name, replacement in patches:
+            setattr(owner, name, replacement)
+        yield
+    finally:
+        for owner, name, original in saved:
+            setattr(owner, name, original)

@@ -5,6 +5,11 @@
   logits, boxes and scores on the shared photos, pixel for pixel.
 - The dense positional encoding is cached (and its token-major copy handed to the decoder):
   the same values as computing it afresh, recomputed when the frequencies change.
+- The decoder's cross-attentions fold the image side's projections into the few prompt
+  tokens (sam.transformer.Attention), the output upscaling runs as matrix products in token
+  layout (MaskDecoder.mask_logits), the mask prompt is embedded channels-last: each equal to
+  SAM's own order of operations to float rounding, and PerSAM's masks equal, pixel for
+  pixel, on the shared photos.
 """
 
 import numpy as np
@@ -16,8 +21,10 @@ from persam.io import load_image, load_mask
 from persam.locate import select_points, similarity_grid, similarity_map
 from persam.pipeline import learn_concept
 from persam.refine import best_mask, best_upscaled, keep_non_empty, mask_box, mixed_mask, refine_with_box, refine_with_mask
+from sam.common import LayerNorm2d
 from sam.predictor import SamPredictor
-from sam_testing import random_sam
+from sam.transformer import Attention
+from sam_testing import conv_mask_logits, random_sam, random_state_dict, sams_order_of_operations
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +134,124 @@ def test_decoder_with_and_without_cached_token_encoding_is_identical(predictor):
         b = model.mask_decoder(embedding, pe.clone(), sparse, dense, True)
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def _attention(seed):
+    layer = Attention(256, 8, downsample_rate=2).eval()
+    layer.load_state_dict(random_state_dict(layer, seed, std=0.2))
+    return layer
+
+
+@pytest.mark.parametrize("few", [1, 5, 9, 15])
+def test_folded_cross_attention_equals_projected(few):
+    """Few queries against many keys (token-to-image, with and without PerSAM's bias) and many
+    queries against few keys (image-to-token) give SAM's attention to float rounding."""
+    generator = torch.Generator().manual_seed(few)
+    layer = _attention(few)
+    tokens = torch.randn(2, few, 256, generator=generator)
+    image = torch.randn(2, 1024, 256, generator=generator)
+    values = torch.randn(2, 1024, 256, generator=generator)
+    bias = torch.sigmoid(torch.randn(2, 1, 1, 1024, generator=generator) * 3)
+    with torch.inference_mode():
+        for attention_bias in (None, bias):
+            plain = layer.attend_plain(tokens, image, values, attention_bias)
+            folded = layer.attend_few_queries(tokens, image, values, attention_bias)
+            assert torch.equal(layer(tokens, image, values, attention_bias), folded)  # the one taken
+            torch.testing.assert_close(folded, plain, rtol=0, atol=1e-5 * float(plain.abs().max()))
+            assert plain.abs().max() > 0.1
+        plain = layer.attend_plain(image, tokens, tokens)
+        folded = layer.attend_few_keys(image, tokens, tokens)
+        assert torch.equal(layer(image, tokens, tokens), folded)
+        torch.testing.assert_close(folded, plain, rtol=0, atol=1e-5 * float(plain.abs().max()))
+
+
+def test_attention_keeps_the_projections_when_folding_is_not_cheaper():
+    layer = _attention(0)
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randn(1, 16, 256, generator=generator)  # 8 heads x 16 tokens = the internal width
+    image = torch.randn(1, 256, 256, generator=generator)
+    with torch.inference_mode():
+        assert torch.equal(layer(tokens, image, image), layer.attend_plain(tokens, image, image))
+        assert torch.equal(layer(image, tokens, tokens), layer.attend_plain(image, tokens, tokens))
+        assert torch.equal(layer(tokens, tokens, tokens), layer.attend_plain(tokens, tokens, tokens))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_mask_logits_in_token_layout_equal_the_transposed_convolutions(predictor, batch):
+    decoder = predictor.model.mask_decoder
+    generator = torch.Generator().manual_seed(2)
+    src = torch.randn(batch, 12 * 10, 256, generator=generator)
+    hyper_in = torch.randn(batch, 3, 32, generator=generator)
+    with torch.inference_mode():
+        fast = decoder.mask_logits(src, hyper_in, 12, 10)
+        conv = conv_mask_logits(decoder, src, hyper_in, 12, 10)
+    assert fast.shape == conv.shape == (batch, 3, 48, 40)
+    torch.testing.assert_close(fast, conv, rtol=0, atol=1e-4 * float(conv.abs().max()))
+
+
+def test_fused_linear_equals_linear_and_gelu():
+    from sam.common import linear
+
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(300, 64, generator=generator)
+    weight = torch.randn(96, 64, generator=generator) * 0.2
+    bias = torch.randn(96, generator=generator)
+    with torch.inference_mode():
+        for gelu in (False, True):
+            expected = torch.nn.functional.linear(x, weight, bias)
+            expected = torch.nn.functional.gelu(expected) if gelu else expected
+            torch.testing.assert_close(linear(x, weight, bias, gelu=gelu), expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(linear(x, weight, None), x @ weight.t(), rtol=0, atol=1e-5)
+    with torch.enable_grad():  # autograd takes the plain path, and gradients flow
+        w = weight.clone().requires_grad_(True)
+        linear(x, w, bias, gelu=True).sum().backward()
+        assert w.grad is not None and w.grad.abs().sum() > 0
+
+
+def test_layer_norm_2d_channels_last_equals_channels_first():
+    norm = LayerNorm2d(16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 2, 16))
+        norm.bias.copy_(torch.linspace(-1, 1, 16))
+    x = torch.randn(2, 16, 9, 7, generator=torch.Generator().manual_seed(3)) * 3 + 1
+    last = norm(x.contiguous(memory_format=torch.channels_last))
+    assert last.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(last, norm(x), rtol=0, atol=2e-6)
+
+
+def test_fast_decoder_gives_sams_masks_on_shared_photos(predictor, perseg_dir):
+    """PerSAM (guided decode, both refinements) on the shared photos with the decoder's fast
+    paths and with SAM's order of operations (projected attention, convolutions, channels-first
+    features): the same masks, pixel for pixel, and logits within 1e-4."""
+
+    def run():
+        results = []
+        for cls in ("cat", "colorful_sneaker", "duck_toy"):
+            images = [np.ascontiguousarray(load_image(perseg_dir / "Images" / cls / f"{i:02d}.jpg")[::6, ::6])
+                      for i in range(3)]
+            mask = np.ascontiguousarray(load_mask(perseg_dir / "Annotations" / cls / "00.png")[::6, ::6])
+            embeddings = predictor.encode_images(images)
+            concept = learn_concept(predictor, [(images[0], mask)], method="persam", encoded=[embeddings[0][:2]])
+            for embedding in embeddings[1:]:
+                predictor.set_embedding(*embedding)
+                similarity = similarity_map(similarity_grid(predictor.features, concept.target_vector), predictor.upscale)
+                points, labels = select_points(similarity, 1, 1)
+                attention = attention_similarity(similarity, predictor.input_size, predictor.features.shape[-1],
+                                                 predictor.model.img_size)
+                choice = best_mask(guided_prediction(predictor, points, labels, attention, concept.target_embedding))
+                results.append(choice)
+                choice = refine_with_mask(predictor, points, labels, choice)
+                results.append(choice)
+                results.append(refine_with_box(predictor, points, labels, choice))
+        return results
+
+    fast = run()
+    with sams_order_of_operations():
+        plain = run()
+    assert Attention.forward is not Attention.attend_plain  # the patches are gone again
+    assert len(fast) == len(plain) == 18
+    for a, b in zip(fast, plain):
+        np.testing.assert_array_equal(a.mask, b.mask)
+        np.testing.assert_allclose(a.low_res_logits, b.low_res_logits, rtol=0, atol=1e-4)
+        assert abs(a.iou_score - b.iou_score) < 1e-5
+    assert sum(bool(choice.mask.any()) for choice in plain) >= 6  # not a comparison of empty masks

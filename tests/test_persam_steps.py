@@ -120,6 +120,33 @@ def test_select_points_on_planted_map():
     assert points.dtype == np.float32
 
 
+def test_point_indices_are_topks_also_on_ties_and_nan():
+    """select_points finds the extreme from the row extremes (the first of equal ones) and
+    leaves NaN, small maps and k > 1 to topk: its indices are topk's on every map."""
+    from persam.locate import _top_indices
+
+    generator = torch.Generator().manual_seed(0)
+    ties = 0
+    for trial in range(600):
+        height, width = torch.randint(1, 40, (2,), generator=generator).tolist()
+        similarity = torch.randn(height, width, generator=generator)
+        if trial % 2 == 0:
+            similarity = torch.round(similarity)  # many equal extremes
+        if trial % 40 == 1:
+            similarity[height // 2, width // 2] = float("nan")
+        if trial % 40 == 3:
+            similarity = F.interpolate(similarity[None, None], scale_factor=4, mode="bilinear")[0, 0]
+        for largest in (True, False):
+            expected = similarity.flatten().topk(1, largest=largest).indices
+            assert torch.equal(_top_indices(similarity, 1, largest), expected), trial
+            ties += int((similarity == similarity.flatten()[expected]).sum() > 1 and similarity.numel() >= 64)
+        for k in (0, 3):
+            k = min(k, similarity.numel())
+            expected = similarity.flatten().topk(k).indices
+            assert torch.equal(_top_indices(similarity, k, True), expected)
+    assert ties > 200  # the first-of-equal-extremes rule was really put to the test
+
+
 def test_similarity_grid_is_cosine_per_cell():
     g = torch.Generator().manual_seed(0)
     features = torch.randn(1, 32, 5, 6, generator=g)

@@ -168,7 +168,7 @@ class Attention(nn.Module):
     with the products taken in another order:
 
       few queries (token-to-image), per head h with Q_h = q_proj(q)_h:
-          scores_h = (Q_h W_k,h) k^T + Q_h b_k,h
+          scores_h = (Q_h W_k,h) k^T     (+ Q_h b_k,h: constant along the keys, the softmax drops it)
           out_h    = (softmax(scores_h) v) W_v,h^T + b_v,h     (softmax rows sum to 1)
       few keys (image-to-token), per head h with K_h, V_h the projected tokens:
           scores_h = q (W_q,h^T K_h^T) + b_q,h K_h^T

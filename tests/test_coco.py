@@ -18,7 +18,7 @@ from PIL import Image
 
 import persam.multi
 import persam.run
-from persam import cli
+from cli_testing import error_line, run_cli
 from persam.coco import CocoImage, coco_dataset, write_coco
 from persam.concept import load_concept, save_concept
 from persam.io import load_label_map, load_mask
@@ -98,16 +98,6 @@ def concept_file(tmp_path, random_vit_t_checkpoint):
 
 def model_args(checkpoint):
     return ["--model", "vit_t", "--checkpoint", str(checkpoint), "--backend", "torch", "-q"]
-
-
-def run_cli(argv):
-    return cli.main([str(a) for a in argv])
-
-
-def error_line(capsys) -> str:
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("persam: error:")]
-    assert len(errors) == 1, errors
-    return errors[0]
 
 
 def tight_box(mask):

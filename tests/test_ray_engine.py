@@ -12,7 +12,6 @@ Ray worker holding one CPU does (torch's CPU kernels may sum in another order wi
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from persam import cli
+from cli_testing import error_line, run_cli, strict_json
 from persam.sources import UriPath, expand_sources, image_sha256, image_stat, load_image, read_image_bytes
 
 DREAMBOOTH = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambooth"
@@ -75,23 +74,6 @@ def model_args(checkpoint):
     return ["--model", "vit_t", "--checkpoint", str(checkpoint), "--backend", "torch", "-q"]
 
 
-def run_cli(argv):
-    return cli.main([str(a) for a in argv])
-
-
-def error_line(capsys) -> str:
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("persam: error:")]
-    assert len(errors) == 1, errors
-    return errors[0]
-
-
-def strict_json(path):
-    def refuse(constant):
-        raise ValueError(f"{path} holds {constant}")
-
-    return json.loads(Path(path).read_text(encoding="utf-8"), parse_constant=refuse)
-
-
 def records(out):
     return {r["name"]: r for r in strict_json(out / "results.json")["images"]}
 
@@ -122,7 +104,6 @@ def test_ray_run_interrupted_and_resumed_equals_the_local_run(ray_cluster, photo
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from persam import engine_ray
     from persam.run import OutputFolder
 
     source = tmp_path / "photos.parquet"  # a parquet SOURCE: a path column (and another column)

@@ -51,6 +51,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "scripts"))
 
 
 class Stopwatch:
@@ -110,18 +111,6 @@ def build(args):
     return predictor, Path(checkpoint), one_time
 
 
-def sgemm_peak(size: int = 2048, repeats: int = 10) -> float:
-    """Best fp32 matrix-multiply rate of the CPU now, GFLOP/s."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 / best / 1e9
-
-
 def make_masks_non_empty(state) -> None:
     """Shift one channel of the upscaled mask features and of every mask token's weights, so that
     the random model's masks cover the image: random masks are empty, which skips the box
@@ -169,7 +158,9 @@ def main() -> int:
     from persam.refine import best_upscaled, mixed_mask, refine_with_box, refine_with_mask
     from persam.visualize import overlay
 
-    peak_before = sgemm_peak()
+    from bench_encoder import sgemm_peak  # the encoder benchmark's own measurement
+
+    peak_before = sgemm_peak(torch.get_num_threads())
     predictor, checkpoint, one_time = build(args)
     reference = SHARED / "perseg_subset" / "Images" / args.ref_class / "00.jpg"
     reference_mask = SHARED / "perseg_subset" / "Annotations" / args.ref_class / "00.png"
@@ -258,7 +249,7 @@ def main() -> int:
           f"{len(photos)} photos of {Path(args.photos).name} ({size[1]} x {size[0]} first) x {args.repeats}, "
           f"batch {args.batch_size}; decoder calls per photo: {statistics.median(decoder_calls):.0f}; malloc: {malloc}")
     print(f"machine state: sgemm peak {peak_before:.0f} GFLOP/s before the run, "
-          f"{sgemm_peak():.0f} after (torch.mm 2048^2 fp32; a busy or throttled machine shows here)")
+          f"{sgemm_peak(torch.get_num_threads()):.0f} after (torch.mm 4096^2 fp32; a busy or throttled machine shows here)")
     print("one-time:")
     for name, seconds in one_time.items():
         print(f"  {name:<44} {seconds:8.3f} s")

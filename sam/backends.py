@@ -48,7 +48,7 @@ BACKEND_CHOICES = ("auto",) + BACKENDS
 EXTRAS = {"openvino": "openvino", "onnxruntime": "onnx"}
 MODULES = {"openvino": "openvino", "onnxruntime": "onnxruntime"}
 # Bump when the exported graph changes (the export code, not the weights): old caches are then ignored.
-EXPORT_VERSION = 2
+EXPORT_VERSION = 3
 META_FILE = "meta.json"
 META_FORMAT = "persam-compiled-encoder"
 # Most elements of the decomposed relative-position bias that the exported ViT attention builds at

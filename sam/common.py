@@ -58,3 +58,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
                      "none" if gelu else "")
     out = F.linear(x, weight, bias)
     return F.gelu(out) if gelu else out
+
+
+def pad_grid(x: torch.Tensor, multiple: int, value: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """B x H x W x C -> B x H' x W' x C with H', W' the next multiples of `multiple`.
+
+    The new cells hold zeros, or `value` (C) when given: the padded grid of tokens whose
+    padding is what a zero token becomes after a projection (its bias). The cells of the
+    grid keep their values exactly (they get + 0).
+    """
+    height, width = x.shape[1], x.shape[2]
+    pad_h = (multiple - height % multiple) % multiple
+    pad_w = (multiple - width % multiple) % multiple
+    if not (pad_h or pad_w):
+        return x
+    x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    if value is not None:
+        padding = F.pad(x.new_zeros(1, height, width, 1), (0, 0, 0, pad_w, 0, pad_h), value=1.0)  # 1 on the padding
+        x = x + padding * value.to(x.dtype)
+    return x

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d, MLPBlock
+from .common import LayerNorm2d, MLPBlock, pad_grid
 
 
 class ImageEncoderViT(nn.Module):
@@ -110,13 +110,7 @@ class Block(nn.Module):
         """x: B x H x W x C -> B x H x W x C."""
         shortcut = x
         x = self.norm1(x)
-        if self.window_size > 0:
-            height, width = x.shape[1], x.shape[2]
-            windows, padded_size = window_partition(x, self.window_size)
-            windows = self.attn(windows)
-            x = window_unpartition(windows, self.window_size, padded_size, (height, width))
-        else:
-            x = self.attn(x)
+        x = self.attn.in_windows(x, self.window_size) if self.window_size > 0 else self.attn(x)
         x = shortcut + x
         return x + self.mlp(self.norm2(x))
 
@@ -149,42 +143,46 @@ class Attention(nn.Module):
         tokens = height * width
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each B x heads x L x head_dim
-        if self.use_rel_pos:
-            rel_h, rel_w = relative_position_terms(
-                q, self.rel_pos_h, self.rel_pos_w, (height, width), (height, width)
-            )
-            out = attention_with_decomposed_bias(q, k, v, rel_h, rel_w, self.scale)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        out = self._attend(q, k, v, (height, width))
         out = out.transpose(1, 2).reshape(batch, height, width, dim)
         return self.proj(out)
 
+    def in_windows(self, x: torch.Tensor, window_size: int) -> torch.Tensor:
+        """Attention within window_size x window_size windows: x B x H x W x C -> B x H x W x C.
 
-def window_partition(x: torch.Tensor, window_size: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
-    """B x H x W x C -> (B * n_windows) x ws x ws x C, padding H and W up to multiples of ws."""
-    batch, height, width, channels = x.shape
-    pad_h = (window_size - height % window_size) % window_size
-    pad_w = (window_size - width % window_size) % window_size
-    if pad_h or pad_w:
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-    hp, wp = height + pad_h, width + pad_w
-    x = x.view(batch, hp // window_size, window_size, wp // window_size, window_size, channels)
-    windows = x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size, window_size, channels)
-    return windows, (hp, wp)
+        The same as SAM's window attention: the grid zero-padded to a multiple of the window,
+        `forward` on each window (padded tokens take part as keys), the windows put back and
+        the padding cropped. Here q, k and v are projected on the H x W tokens alone, a zero
+        token's projection (the bias) is written into the padding, and each goes to its
+        windows and heads in one copy; the output projection runs on the H x W tokens left
+        after the crop.
+        """
+        batch, height, width, dim = x.shape
+        weights = self.qkv.weight.chunk(3)  # rows [q | k | v], each heads x head_dim
+        biases = self.qkv.bias.chunk(3) if self.qkv.bias is not None else (None,) * 3
+        q, k, v = (self._windows(x, window_size, w, b) for w, b in zip(weights, biases))
+        out = self._attend(q, k, v, (window_size, window_size))  # windows x heads x N x head_dim
+        rows, cols = (height + window_size - 1) // window_size, (width + window_size - 1) // window_size
+        out = out.view(batch, rows, cols, self.num_heads, window_size, window_size, -1)
+        out = out.permute(0, 1, 4, 2, 5, 3, 6).reshape(batch, rows * window_size, cols * window_size, dim)
+        return self.proj(out[:, :height, :width])
 
+    def _windows(
+        self, x: torch.Tensor, window_size: int, weight: torch.Tensor, bias: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        """One of q, k, v by window: B x H x W x C -> (B * windows) x heads x ws^2 x head_dim."""
+        t = pad_grid(F.linear(x, weight, bias), window_size, bias)
+        batch, padded_h, padded_w, dim = t.shape
+        rows, cols = padded_h // window_size, padded_w // window_size
+        t = t.view(batch, rows, window_size, cols, window_size, self.num_heads, dim // self.num_heads)
+        return t.permute(0, 1, 3, 5, 2, 4, 6).reshape(batch * rows * cols, self.num_heads, window_size ** 2, -1)
 
-def window_unpartition(
-    windows: torch.Tensor, window_size: int, padded_size: Tuple[int, int], size: Tuple[int, int]
-) -> torch.Tensor:
-    """Inverse of window_partition: (B * n_windows) x ws x ws x C -> B x H x W x C."""
-    hp, wp = padded_size
-    height, width = size
-    batch = windows.shape[0] // ((hp // window_size) * (wp // window_size))
-    x = windows.view(batch, hp // window_size, wp // window_size, window_size, window_size, -1)
-    x = x.permute(0, 1, 3, 2, 4, 5).reshape(batch, hp, wp, -1)
-    if hp > height or wp > width:
-        x = x[:, :height, :width, :].contiguous()
-    return x
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+        """q, k, v: B x heads x (h * w) x head_dim on an h x w grid -> the same shape."""
+        if self.use_rel_pos:
+            rel_h, rel_w = relative_position_terms(q, self.rel_pos_h, self.rel_pos_w, size, size)
+            return attention_with_decomposed_bias(q, k, v, rel_h, rel_w, self.scale)
+        return F.scaled_dot_product_attention(q, k, v, scale=self.scale)
 
 
 def relative_positions(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d
+from .common import LayerNorm2d, pad_grid
 
 GridSize = Tuple[int, int]
 
@@ -121,22 +121,24 @@ def _tokens_to_image(x: torch.Tensor, grid: GridSize) -> torch.Tensor:
     return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], grid[0], grid[1])
 
 
-def _image_to_tokens(x: torch.Tensor) -> torch.Tensor:
-    """B x C x H x W -> B x (H * W) x C tokens."""
-    return x.flatten(2).transpose(1, 2)
-
-
 class Attention(nn.Module):
-    """Multi-head self-attention within one window, with learned relative-position biases.
+    """Multi-head self-attention within windows, with learned relative-position biases.
 
-    Input and output: B' x N x C, N = window_size ** 2 (B' = batch * windows).
-    LayerNorm is applied inside, before the qkv projection.
+    Input and output: tokens B x (H * W) x C on an H x W grid (passed alongside).
+    The grid is zero-padded to a multiple of ``window_size`` and cut into windows
+    of N = window_size ** 2 tokens; padded tokens take part as keys, as in the
+    original, and their outputs are dropped. LayerNorm is applied inside, before
+    the qkv projection.
 
     ``qkv`` is laid out per head: its output viewed as N x heads x (3 * d) holds
     [q | k | v] of each head in turn (unlike the [q | k | v] x heads layout of
     SAM's ViT). The bias added to the logits of head h for tokens i, j is
     ``attention_biases[h, |dy| * window_size + |dx|]`` with (dy, dx) the
     in-window offset between the two tokens.
+
+    The projections run on the H x W tokens only: a padded token is zero, so its
+    q, k and v are the projection of LayerNorm's bias, which is written into the
+    padding. The same values as projecting the padded grid, with fewer products.
     """
 
     def __init__(self, dim: int, num_heads: int, window_size: int) -> None:
@@ -144,6 +146,7 @@ class Attention(nn.Module):
         assert dim % num_heads == 0, "dim must be divisible by num_heads"
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
+        self.window_size = window_size
         self.scale = self.head_dim**-0.5
 
         self.norm = nn.LayerNorm(dim)
@@ -162,16 +165,38 @@ class Attention(nn.Module):
         """Dense bias added to the attention logits: heads x N x N."""
         return self.attention_biases[:, self.attention_bias_idxs]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
-        qkv = self.qkv(self.norm(x)).view(B, N, self.num_heads, 3 * self.head_dim)
-        # each: B' x heads x N x d
-        q, k, v = qkv.permute(0, 2, 1, 3).split(self.head_dim, dim=3)
+    def forward(self, x: torch.Tensor, grid: GridSize) -> torch.Tensor:
+        B, L, C = x.shape
+        H, W = grid
+        ws = self.window_size
+        # windows down and across (no negative floor division: exports trace it as truncation)
+        rows, cols = (H + ws - 1) // ws, (W + ws - 1) // ws
+        x = self.norm(x)
+        # Rows of qkv.weight per head [q | k | v]: heads x 3 x d x C.
+        weight = self.qkv.weight.view(self.num_heads, 3, self.head_dim, C)
+        bias = self.qkv.bias.view(self.num_heads, 3, self.head_dim)
+        q, k, v = (
+            self._windows(x, grid, weight[:, i].reshape(C, C), bias[:, i].reshape(C)) for i in range(3)
+        )
         # A 4-D mask (1 x heads x N x N) lets CPU use the fused (flash) kernel.
-        bias = self.attention_bias().to(q.dtype).unsqueeze(0)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
-        x = x.transpose(1, 2).reshape(B, N, C)
-        return self.proj(x)
+        mask = self.attention_bias().to(q.dtype).unsqueeze(0)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        # (B * rows * cols) x heads x N x d -> B x (rows * ws) x (cols * ws) x C
+        x = x.view(B, rows, cols, self.num_heads, ws, ws, self.head_dim)
+        x = x.permute(0, 1, 4, 2, 5, 3, 6).reshape(B, rows * ws, cols * ws, C)
+        return self.proj(x[:, :H, :W].reshape(B, L, C))
+
+    def _windows(
+        self, x: torch.Tensor, grid: GridSize, weight: torch.Tensor, bias: torch.Tensor
+    ) -> torch.Tensor:
+        """One of q, k, v by window: normed tokens B x (H * W) x C -> (B * windows) x heads x N x d."""
+        B, _, C = x.shape
+        ws = self.window_size
+        t = F.linear(x, weight, bias).view(B, grid[0], grid[1], C)
+        t = pad_grid(t, ws, F.linear(self.norm.bias, weight, bias))  # a zero token, normed and projected
+        rows, cols = t.shape[1] // ws, t.shape[2] // ws
+        t = t.view(B, rows, ws, cols, ws, self.num_heads, self.head_dim)
+        return t.permute(0, 1, 3, 5, 2, 4, 6).reshape(B * rows * cols, self.num_heads, ws * ws, self.head_dim)
 
 
 class Mlp(nn.Module):
@@ -191,7 +216,7 @@ class Mlp(nn.Module):
 class TinyViTBlock(nn.Module):
     """Window attention, depthwise local conv, MLP: tokens B x (H * W) x C -> same.
 
-    x = x + WindowAttention(x)   (grid zero-padded to a multiple of the window;
+    x = x + Attention(x)         (in windows; grid zero-padded to a multiple of the window,
                                   padded tokens take part as keys, as in the original)
     x = LocalConv(x)             (depthwise k x k Conv2d+BN on the H x W grid, no residual)
     x = x + Mlp(x)
@@ -213,34 +238,12 @@ class TinyViTBlock(nn.Module):
         )
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def window_attention(self, x: torch.Tensor, grid: GridSize) -> torch.Tensor:
-        """Attention within non-overlapping windows: B x (H * W) x C -> same."""
-        H, W = grid
-        B, L, C = x.shape
-        ws = self.window_size
-        if H == ws and W == ws:
-            return self.attn(x)
-
-        x = x.view(B, H, W, C)
-        pad_h = (ws - H % ws) % ws
-        pad_w = (ws - W % ws) % ws
-        if pad_h or pad_w:
-            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-        Hp, Wp = H + pad_h, W + pad_w
-        nh, nw = Hp // ws, Wp // ws
-
-        # B x Hp x Wp x C -> (B * nh * nw) x (ws * ws) x C
-        x = x.view(B, nh, ws, nw, ws, C).transpose(2, 3).reshape(B * nh * nw, ws * ws, C)
-        x = self.attn(x)
-        # back to B x Hp x Wp x C
-        x = x.view(B, nh, nw, ws, ws, C).transpose(2, 3).reshape(B, Hp, Wp, C)
-        if pad_h or pad_w:
-            x = x[:, :H, :W]
-        return x.reshape(B, L, C)
-
     def forward(self, x: torch.Tensor, grid: GridSize) -> torch.Tensor:
-        x = x + self.window_attention(x, grid)
-        x = _image_to_tokens(self.local_conv(_tokens_to_image(x, grid)))
+        x = x + self.attn(x, grid)
+        # The depthwise conv reads the tokens as a channels-last image: no copies around it.
+        B, L, C = x.shape
+        image = x.view(B, grid[0], grid[1], C).permute(0, 3, 1, 2)
+        x = self.local_conv(image).permute(0, 2, 3, 1).reshape(B, L, C)
         return x + self.mlp(x)
 
 

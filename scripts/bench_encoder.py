@@ -2,7 +2,7 @@
 """Image-encoder speed: our backends against the reference model and plain OpenVINO / ONNX Runtime
 exports, on the same weights and input, next to the hardware limit.
 
-    python scripts/bench_encoder.py [--models vit_t,vit_b] [--repeats 5] [--threads N]
+    python scripts/bench_encoder.py [--models vit_t,vit_b] [--repeats 5] [--rounds 1] [--threads N]
                                     [--checkpoint PATH] [--batch-size 1] [--out DIR]
 
 For each model (same seeded random weights in every row, or --checkpoint; one shared photo,
@@ -13,14 +13,16 @@ thread pools do not meet and the peak memory is the row's own):
     ours openvino       our backend "openvino": our export, OpenVINO IR, f32, latency hint
     ours onnxruntime    our backend "onnxruntime"
     ref torch           the reference module in PyTorch: Meta's segment_anything ImageEncoderViT
-                        (ViT) or, for vit_t, MobileSAM's TinyViT layout with MobileSAM's explicit
-                        attention (q k^T + bias, softmax, v)
+                        (ViT) or, for vit_t, our TinyViT weights in MobileSAM's blocks (windows cut
+                        from the padded grid, explicit attention q k^T + bias, softmax, v; the local
+                        conv on a B x C x H x W copy)
     plain openvino      the reference module exported as it is (torch.onnx.export, opset 17) and
                         read by OpenVINO with its defaults, inference precision f32 (a CPU with
                         native bf16 would otherwise run bf16: see "plain openvino default")
     plain onnxruntime   the same ONNX file in ONNX Runtime with its defaults
 
-and prints seconds per image (median of --repeats after one warm-up run, and the fastest),
+and prints seconds per image (median of --repeats after one warm-up run, and the fastest; with
+--rounds R the rows run in turn R times, each in a fresh process, and the times are pooled),
 the one-time cost of the compiled rows (ours: export + conversion + compilation, built in an
 empty cache, later runs load it, see sam/backends.py; plain: loading and compiling the ONNX file,
 plus exporting it for the first plain row), the largest difference of the embedding from ours torch,
@@ -89,14 +91,14 @@ def our_model(model_type: str, checkpoint: Optional[str], seed: int, img_size: i
 
 
 def reference_encoder(model_type: str, ours) -> torch.nn.Module:
-    """Meta's ImageEncoderViT holding our weights (ViT), or our TinyViT with MobileSAM's attention (vit_t)."""
+    """Meta's ImageEncoderViT holding our weights (ViT), or our TinyViT with MobileSAM's blocks (vit_t)."""
     if model_type == "vit_t":
         encoder = ours.image_encoder
         from sam import tiny_vit
 
         for module in encoder.modules():
-            if isinstance(module, tiny_vit.Attention):
-                module.forward = _mobile_sam_attention.__get__(module)
+            if isinstance(module, tiny_vit.TinyViTBlock):
+                module.forward = _mobile_sam_block.__get__(module)
         return encoder
     conftest = _test_module("conftest")
     segment_anything = conftest.import_official_sam()  # pytest.skip.Exception when missing
@@ -106,15 +108,32 @@ def reference_encoder(model_type: str, ours) -> torch.nn.Module:
     return official.image_encoder.eval()
 
 
-def _mobile_sam_attention(self, x: torch.Tensor) -> torch.Tensor:
-    """MobileSAM's TinyViT Attention.forward (inference): explicit scores, dense bias table, softmax."""
-    B, N, _ = x.shape
-    qkv = self.qkv(self.norm(x))
-    q, k, v = qkv.view(B, N, self.num_heads, -1).split([self.head_dim] * 3, dim=3)
+def _mobile_sam_block(self, x: torch.Tensor, grid) -> torch.Tensor:
+    """MobileSAM's TinyViTBlock.forward with its Attention.forward (inference): pad the grid with
+    zeros, cut it into windows, project every token, explicit scores plus the dense bias table,
+    softmax, put the windows back, crop; the local conv on a B x C x H x W copy."""
+    (H, W), ws = grid, self.window_size
+    B, L, C = x.shape
+    residual = x
+    x = x.view(B, H, W, C)
+    pad_b, pad_r = (ws - H % ws) % ws, (ws - W % ws) % ws
+    if pad_b or pad_r:
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+    pH, pW = H + pad_b, W + pad_r
+    nH, nW = pH // ws, pW // ws
+    x = x.view(B, nH, ws, nW, ws, C).transpose(2, 3).reshape(B * nH * nW, ws * ws, C)
+    Bw, N, _ = x.shape
+    attention = self.attn
+    qkv = attention.qkv(attention.norm(x))
+    q, k, v = qkv.view(Bw, N, attention.num_heads, -1).split([attention.head_dim] * 3, dim=3)
     q, k, v = q.permute(0, 2, 1, 3), k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)
-    attn = (q @ k.transpose(-2, -1)) * self.scale + self.attention_biases[:, self.attention_bias_idxs]
-    x = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
-    return self.proj(x)
+    scores = (q @ k.transpose(-2, -1)) * attention.scale
+    scores = scores + attention.attention_biases[:, attention.attention_bias_idxs]
+    x = attention.proj((scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(Bw, N, C))
+    x = x.view(B, nH, nW, ws, ws, C).transpose(2, 3).reshape(B, pH, pW, C)
+    x = residual + x[:, :H, :W].reshape(B, L, C)
+    x = self.local_conv(x.transpose(1, 2).reshape(B, C, H, W)).view(B, C, L).transpose(1, 2)
+    return x + self.mlp(x)
 
 
 def encoder_input(model, batch: int = 1) -> torch.Tensor:
@@ -301,6 +320,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--rows", default=",".join(DEFAULT_ROWS),
                         help=f"comma-separated rows (default all but the last of: {', '.join(ROWS)})")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per row after one warm-up (default 5)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the rows in turn this many times and pool their times (default 1): on a "
+                             "machine whose speed drifts, every row then samples the same spells")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help=f"CPU threads for every runtime (default torch's: {torch.get_num_threads()})")
     parser.add_argument("--batch-size", type=int, default=1, help="images per encoder call in our rows (default 1)")
@@ -365,15 +387,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"limit {limit:.2f} s at the sgemm peak", flush=True)
             del ours
             measured: Dict[str, dict] = {}
-            for row in rows:
-                spec = {"row": row, "model": model_type, "checkpoint": args.checkpoint, "seed": args.seed,
-                        "img_size": args.img_size, "threads": args.threads, "repeats": max(1, args.repeats),
-                        "batch_size": max(1, args.batch_size), "work": work, "device": args.device,
-                        "precision": args.precision, "default_malloc": args.default_malloc}
-                print(f"  {row} ...", flush=True)
-                result = run_row(spec)
-                if result is not None:
-                    measured[row] = result
+            for round_index in range(max(1, args.rounds)):
+                for row in rows:
+                    if round_index and row not in measured:
+                        continue  # it could not run in the first round
+                    spec = {"row": row, "model": model_type, "checkpoint": args.checkpoint, "seed": args.seed,
+                            "img_size": args.img_size, "threads": args.threads, "repeats": max(1, args.repeats),
+                            "batch_size": max(1, args.batch_size), "work": work, "device": args.device,
+                            "precision": args.precision, "default_malloc": args.default_malloc}
+                    print(f"  {row} ..." + (f" (round {round_index + 1})" if args.rounds > 1 else ""), flush=True)
+                    result = run_row(spec)
+                    if result is None:
+                        continue
+                    if row in measured:  # a later round: more times; the one-time cost stays the first round's
+                        measured[row]["times"] += result["times"]
+                        measured[row]["peak_rss_mib"] = max(measured[row]["peak_rss_mib"], result["peak_rss_mib"])
+                    else:
+                        measured[row] = result
             reference = np.load(Path(work) / f"{model_type}-ours_torch.npy") if "ours torch" in measured else None
             base = measured.get("plain openvino")
             base_s = statistics.median(base["times"]) if base else float("nan")

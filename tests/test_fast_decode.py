@@ -222,7 +222,8 @@ def test_layer_norm_2d_channels_last_equals_channels_first():
 def test_fast_decoder_gives_sams_masks_on_shared_photos(predictor, perseg_dir):
     """PerSAM (guided decode, both refinements) on the shared photos with the decoder's fast
     paths and with SAM's order of operations (projected attention, convolutions, channels-first
-    features): the same masks, pixel for pixel, and logits within 1e-4."""
+    features): the same masks, pixel for pixel except where a logit is zero to float rounding,
+    and logits within 1e-4."""
 
     def run():
         results = []
@@ -250,8 +251,14 @@ def test_fast_decoder_gives_sams_masks_on_shared_photos(predictor, perseg_dir):
         plain = run()
     assert Attention.forward is not Attention.attend_plain  # the patches are gone again
     assert len(fast) == len(plain) == 18
+    undecided_pixels = 0
     for a, b in zip(fast, plain):
-        np.testing.assert_array_equal(a.mask, b.mask)
+        # A pixel whose logit is zero to float rounding (|logit| ~ 1e-8 seen) may land on either
+        # side of the threshold in either order of products; every other pixel must agree.
+        undecided = (np.abs(a.logits) < 1e-5) & (np.abs(b.logits) < 1e-5)
+        np.testing.assert_array_equal(a.mask[~undecided], b.mask[~undecided])
+        undecided_pixels += int((a.mask != b.mask).sum())
         np.testing.assert_allclose(a.low_res_logits, b.low_res_logits, rtol=0, atol=1e-4)
         assert abs(a.iou_score - b.iou_score) < 1e-5
     assert sum(bool(choice.mask.any()) for choice in plain) >= 6  # not a comparison of empty masks
+    assert undecided_pixels <= 5  # of 18 masks of some 45,000 pixels

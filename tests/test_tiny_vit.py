@@ -175,7 +175,7 @@ def test_attention_sdpa_matches_explicit_softmax() -> None:
     _randomize(attn, seed=3)
     x = torch.randn(3, 14 * 14, 160)
     with torch.no_grad():
-        got = attn(x)
+        got = attn(x, (14, 14))  # each of the 3 images is one window
         want = torch.stack([_reference_attention(attn, x[b], 14) for b in range(3)])
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 

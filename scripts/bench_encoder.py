@@ -34,6 +34,11 @@ threads). With --batch-size B > 1 our rows encode B images per call and report s
 On a GPU (--device cuda, with --precision fp32|bf16|fp16 and --batch-size for throughput) only
 the torch rows run, and the peak memory is the GPU's.
 
+When both OpenVINO rows ran, a last step runs ours and plain alternating in one process
+(2 x --repeats runs each, after a warm-up; --no-paired skips it) and prints their medians and
+ratio: on a machine whose speed drifts from minute to minute this pairing is the steadier
+comparison of the two, since both sample the same moments.
+
 Rows that need a package that is missing (segment-anything, openvino, onnxruntime) are skipped
 with a note. Outputs in --out (default runs/bench_encoder): bench_encoder.csv and .json.
 Every row's process makes malloc reuse freed memory, as the `persam` command does
@@ -206,8 +211,48 @@ def plain_export(encoder: torch.nn.Module, img_size: int, path: Path) -> None:
                           input_names=["image"], output_names=["embedding"], opset_version=17)
 
 
+def plain_openvino(onnx_file: Path, threads: int, default_precision: bool = False):
+    """The plain ONNX file compiled by OpenVINO for the CPU with its defaults (f32 unless default_precision)."""
+    import openvino as ov
+
+    config = {} if default_precision else {"INFERENCE_PRECISION_HINT": "f32"}
+    config["INFERENCE_NUM_THREADS"] = threads
+    request = ov.Core().compile_model(str(onnx_file), "CPU", config).create_infer_request()
+
+    def run(inp):
+        return torch.from_numpy(request.infer({0: inp.numpy()})[0].copy())
+
+    return run
+
+
+def paired_worker(spec: dict) -> dict:
+    """Ours openvino and plain openvino in one process, alternating: the two rows' files as built."""
+    from sam.backends import make_encoder
+
+    torch.set_num_threads(spec["threads"])
+    if not spec["default_malloc"]:
+        from sam.memory import reuse_freed_memory
+
+        reuse_freed_memory()
+    ours = our_model(spec["model"], spec["checkpoint"], spec["seed"], spec["img_size"])
+    x = encoder_input(ours, 1)
+    runs = {"ours": make_encoder(ours, "openvino", "fp32", cache_dir=Path(spec["work"]) / "cache", log=None,
+                                 threads=spec["threads"]),
+            "plain": plain_openvino(Path(spec["work"]) / f"plain-{spec['model']}.onnx", spec["threads"])}
+    times: Dict[str, List[float]] = {name: [] for name in runs}
+    for turn in range(spec["repeats"] + 1):
+        for name, run in (runs.items() if turn % 2 else reversed(list(runs.items()))):
+            start = time.perf_counter()
+            run(x)
+            if turn:  # the first turn warms both up
+                times[name].append(time.perf_counter() - start)
+    return {"times": times}
+
+
 def worker(spec: dict) -> dict:
     """Build the row's runner, time it, save its embedding; returns the row's numbers."""
+    if spec["row"] == "paired openvino":
+        return paired_worker(spec)
     torch.set_num_threads(spec["threads"])
     if not spec["default_malloc"]:
         from sam.memory import reuse_freed_memory
@@ -246,15 +291,7 @@ def worker(spec: dict) -> dict:
             if not onnx_file.exists():
                 plain_export(reference, ours.image_encoder.img_size, onnx_file)
             if row.startswith("plain openvino"):
-                import openvino as ov
-
-                config = {} if row.endswith("default") else {"INFERENCE_PRECISION_HINT": "f32"}
-                config["INFERENCE_NUM_THREADS"] = spec["threads"]
-                compiled = ov.Core().compile_model(str(onnx_file), "CPU", config)
-                request = compiled.create_infer_request()
-
-                def run(inp, request=request):
-                    return torch.from_numpy(request.infer({0: inp.numpy()})[0].copy())
+                run = plain_openvino(onnx_file, spec["threads"], default_precision=row.endswith("default"))
             else:
                 import onnxruntime as ort
 
@@ -320,6 +357,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--rows", default=",".join(DEFAULT_ROWS),
                         help=f"comma-separated rows (default all but the last of: {', '.join(ROWS)})")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per row after one warm-up (default 5)")
+    parser.add_argument("--no-paired", action="store_true",
+                        help="skip the last step: ours openvino and plain openvino alternating in one process")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run the rows in turn this many times and pool their times (default 1): on a "
                              "machine whose speed drifts, every row then samples the same spells")
@@ -377,6 +416,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     torch.set_num_threads(args.threads)
 
     results: List[dict] = []
+    paired_results: List[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench_encoder_") as work:
         for model_type in models:
             ours = our_model(model_type, args.checkpoint, args.seed, args.img_size)
@@ -404,6 +444,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         measured[row]["peak_rss_mib"] = max(measured[row]["peak_rss_mib"], result["peak_rss_mib"])
                     else:
                         measured[row] = result
+            paired = None
+            if "ours openvino" in measured and "plain openvino" in measured and not args.no_paired:
+                print("  ours openvino and plain openvino alternating in one process ...", flush=True)
+                paired = run_row(dict(spec, row="paired openvino", repeats=2 * max(1, args.repeats)))
             reference = np.load(Path(work) / f"{model_type}-ours_torch.npy") if "ours torch" in measured else None
             base = measured.get("plain openvino")
             base_s = statistics.median(base["times"]) if base else float("nan")
@@ -422,6 +466,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     "limit_s": round(limit, 3), "sgemm_gflops": round(peak, 1),
                 })
             print_table([r for r in results if r["model"] == model_type])
+            if paired is not None:
+                ours_s, plain_s = (statistics.median(paired["times"][name]) for name in ("ours", "plain"))
+                print(f"  alternating in one process ({len(paired['times']['ours'])} runs each): ours openvino "
+                      f"{ours_s:.3f} s, plain openvino {plain_s:.3f} s, ratio {ours_s / plain_s:.2f}")
+                paired_results.append({"model": model_type, "ours_openvino_s": round(ours_s, 4),
+                                       "plain_openvino_s": round(plain_s, 4), "ratio": round(ours_s / plain_s, 3),
+                                       "runs": len(paired["times"]["ours"])})
 
     with open(out_dir / "bench_encoder.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(results[0]) if results else ["model"])
@@ -429,7 +480,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         writer.writerows(results)
     (out_dir / "bench_encoder.json").write_text(json.dumps(
         {"date": time.strftime("%Y-%m-%d %H:%M"), "hardware": hardware, "versions": versions,
-         "sgemm_gflops": peak, "rows": results}, indent=1))
+         "sgemm_gflops": peak, "rows": results, "alternating": paired_results}, indent=1))
     print(f"\nwrote {out_dir / 'bench_encoder.csv'} and {out_dir / 'bench_encoder.json'}")
     return 0
 

@@ -1,6 +1,6 @@
 """Small building blocks shared by the SAM components."""
 
-from typing import Optional, Type
+from typing import Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -77,3 +77,24 @@ def pad_grid(x: torch.Tensor, multiple: int, value: Optional[torch.Tensor] = Non
         padding = F.pad(x.new_zeros(1, height, width, 1), (0, 0, 0, pad_w, 0, pad_h), value=1.0)  # 1 on the padding
         x = x + padding * value.to(x.dtype)
     return x
+
+
+def grid_to_windows(x: torch.Tensor, window_size: int, num_heads: int) -> torch.Tensor:
+    """A padded grid B x H x W x C (H, W multiples of window_size) -> its windows split into heads,
+    (B * windows) x heads x window_size^2 x C/heads, windows in row-major order: one copy."""
+    batch, height, width, channels = x.shape
+    rows, cols = height // window_size, width // window_size
+    x = x.view(batch, rows, window_size, cols, window_size, num_heads, channels // num_heads)
+    return x.permute(0, 1, 3, 5, 2, 4, 6).reshape(batch * rows * cols, num_heads, window_size**2, -1)
+
+
+def windows_to_grid(x: torch.Tensor, size: Tuple[int, int], window_size: int) -> torch.Tensor:
+    """The inverse of grid_to_windows, cropped: (B * windows) x heads x window_size^2 x d ->
+    B x H x W x (heads d) for the grid size (H, W) before padding (a view when nothing is cropped)."""
+    height, width = size
+    # windows down and across (no negative floor division: exports trace it as truncation)
+    rows, cols = (height + window_size - 1) // window_size, (width + window_size - 1) // window_size
+    windows, heads, _, head_dim = x.shape
+    x = x.view(windows // (rows * cols), rows, cols, heads, window_size, window_size, head_dim)
+    x = x.permute(0, 1, 4, 2, 5, 3, 6).reshape(-1, rows * window_size, cols * window_size, heads * head_dim)
+    return x[:, :height, :width]

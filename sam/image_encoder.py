@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d, MLPBlock, pad_grid
+from .common import LayerNorm2d, MLPBlock, grid_to_windows, pad_grid, windows_to_grid
 
 
 class ImageEncoderViT(nn.Module):
@@ -157,25 +157,14 @@ class Attention(nn.Module):
         windows and heads in one copy; the output projection runs on the H x W tokens left
         after the crop.
         """
-        batch, height, width, dim = x.shape
         weights = self.qkv.weight.chunk(3)  # rows [q | k | v], each heads x head_dim
         biases = self.qkv.bias.chunk(3) if self.qkv.bias is not None else (None,) * 3
-        q, k, v = (self._windows(x, window_size, w, b) for w, b in zip(weights, biases))
-        out = self._attend(q, k, v, (window_size, window_size))  # windows x heads x N x head_dim
-        rows, cols = (height + window_size - 1) // window_size, (width + window_size - 1) // window_size
-        out = out.view(batch, rows, cols, self.num_heads, window_size, window_size, -1)
-        out = out.permute(0, 1, 4, 2, 5, 3, 6).reshape(batch, rows * window_size, cols * window_size, dim)
-        return self.proj(out[:, :height, :width])
-
-    def _windows(
-        self, x: torch.Tensor, window_size: int, weight: torch.Tensor, bias: Optional[torch.Tensor]
-    ) -> torch.Tensor:
-        """One of q, k, v by window: B x H x W x C -> (B * windows) x heads x ws^2 x head_dim."""
-        t = pad_grid(F.linear(x, weight, bias), window_size, bias)
-        batch, padded_h, padded_w, dim = t.shape
-        rows, cols = padded_h // window_size, padded_w // window_size
-        t = t.view(batch, rows, window_size, cols, window_size, self.num_heads, dim // self.num_heads)
-        return t.permute(0, 1, 3, 5, 2, 4, 6).reshape(batch * rows * cols, self.num_heads, window_size ** 2, -1)
+        q, k, v = (
+            grid_to_windows(pad_grid(F.linear(x, w, b), window_size, b), window_size, self.num_heads)
+            for w, b in zip(weights, biases)
+        )  # each windows x heads x N x head_dim
+        out = self._attend(q, k, v, (window_size, window_size))
+        return self.proj(windows_to_grid(out, (x.shape[1], x.shape[2]), window_size))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
         """q, k, v: B x heads x (h * w) x head_dim on an h x w grid -> the same shape."""

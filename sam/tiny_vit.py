@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d, pad_grid
+from .common import LayerNorm2d, grid_to_windows, pad_grid, windows_to_grid
 
 GridSize = Tuple[int, int]
 
@@ -167,36 +167,22 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, grid: GridSize) -> torch.Tensor:
         B, L, C = x.shape
-        H, W = grid
         ws = self.window_size
-        # windows down and across (no negative floor division: exports trace it as truncation)
-        rows, cols = (H + ws - 1) // ws, (W + ws - 1) // ws
         x = self.norm(x)
         # Rows of qkv.weight per head [q | k | v]: heads x 3 x d x C.
         weight = self.qkv.weight.view(self.num_heads, 3, self.head_dim, C)
         bias = self.qkv.bias.view(self.num_heads, 3, self.head_dim)
-        q, k, v = (
-            self._windows(x, grid, weight[:, i].reshape(C, C), bias[:, i].reshape(C)) for i in range(3)
-        )
+        windows = []
+        for i in range(3):  # q, k, v: (B * windows) x heads x N x d
+            w, b = weight[:, i].reshape(C, C), bias[:, i].reshape(C)
+            t = F.linear(x, w, b).view(B, grid[0], grid[1], C)
+            t = pad_grid(t, ws, F.linear(self.norm.bias, w, b))  # a zero token, normed and projected
+            windows.append(grid_to_windows(t, ws, self.num_heads))
+        q, k, v = windows
         # A 4-D mask (1 x heads x N x N) lets CPU use the fused (flash) kernel.
         mask = self.attention_bias().to(q.dtype).unsqueeze(0)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        # (B * rows * cols) x heads x N x d -> B x (rows * ws) x (cols * ws) x C
-        x = x.view(B, rows, cols, self.num_heads, ws, ws, self.head_dim)
-        x = x.permute(0, 1, 4, 2, 5, 3, 6).reshape(B, rows * ws, cols * ws, C)
-        return self.proj(x[:, :H, :W].reshape(B, L, C))
-
-    def _windows(
-        self, x: torch.Tensor, grid: GridSize, weight: torch.Tensor, bias: torch.Tensor
-    ) -> torch.Tensor:
-        """One of q, k, v by window: normed tokens B x (H * W) x C -> (B * windows) x heads x N x d."""
-        B, _, C = x.shape
-        ws = self.window_size
-        t = F.linear(x, weight, bias).view(B, grid[0], grid[1], C)
-        t = pad_grid(t, ws, F.linear(self.norm.bias, weight, bias))  # a zero token, normed and projected
-        rows, cols = t.shape[1] // ws, t.shape[2] // ws
-        t = t.view(B, rows, ws, cols, ws, self.num_heads, self.head_dim)
-        return t.permute(0, 1, 3, 5, 2, 4, 6).reshape(B * rows * cols, self.num_heads, ws * ws, self.head_dim)
+        return self.proj(windows_to_grid(x, grid, ws).reshape(B, L, C))
 
 
 class Mlp(nn.Module):

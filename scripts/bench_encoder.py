@@ -229,11 +229,6 @@ def paired_worker(spec: dict) -> dict:
     """Ours openvino and plain openvino in one process, alternating: the two rows' files as built."""
     from sam.backends import make_encoder
 
-    torch.set_num_threads(spec["threads"])
-    if not spec["default_malloc"]:
-        from sam.memory import reuse_freed_memory
-
-        reuse_freed_memory()
     ours = our_model(spec["model"], spec["checkpoint"], spec["seed"], spec["img_size"])
     x = encoder_input(ours, 1)
     runs = {"ours": make_encoder(ours, "openvino", "fp32", cache_dir=Path(spec["work"]) / "cache", log=None,
@@ -251,13 +246,13 @@ def paired_worker(spec: dict) -> dict:
 
 def worker(spec: dict) -> dict:
     """Build the row's runner, time it, save its embedding; returns the row's numbers."""
-    if spec["row"] == "paired openvino":
-        return paired_worker(spec)
     torch.set_num_threads(spec["threads"])
     if not spec["default_malloc"]:
         from sam.memory import reuse_freed_memory
 
         reuse_freed_memory()  # every row alike, as in the persam command
+    if spec["row"] == "paired openvino":
+        return paired_worker(spec)
     row, batch = spec["row"], spec["batch_size"]
     device = torch.device(spec["device"])
     if device.type != "cpu" and not row.endswith("torch"):

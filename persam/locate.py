@@ -16,8 +16,28 @@ import torch.nn.functional as F
 def similarity_grid(features: torch.Tensor, target_vector: torch.Tensor) -> torch.Tensor:
     """Cosine similarity of a unit target vector (C) with every cell of 1 x C x h x w features: h x w."""
     cells = features[0]
-    cells = cells / cells.norm(dim=0, keepdim=True).clamp_min(1e-12)
+    cells = cells / cell_norms(cells).clamp_min(1e-12)
     return torch.einsum("c,chw->hw", target_vector.to(cells.dtype), cells)
+
+
+def cell_norms(cells: torch.Tensor) -> torch.Tensor:
+    """The L2 norm of each cell of C x h x w features over its channels: 1 x h x w, the very
+    values of `cells.norm(dim=0, keepdim=True)` (the reference code's normalisation).
+
+    For fp32 features on a CPU that kernel is a generic reduction, several times slower than
+    the arithmetic: each cell's squares are added one channel after the other, then a
+    correctly rounded square root is taken. The same sums in the same order are made here a
+    whole channel at a time (numpy, whose square root is correctly rounded, unlike torch's
+    vectorised one). tests/test_persam_steps.py checks the two are equal bit for bit.
+    """
+    if cells.device.type != "cpu" or cells.dtype != torch.float32 or cells.requires_grad or cells.shape[0] < 1:
+        return cells.norm(dim=0, keepdim=True)
+    with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN pass through silently, as in torch
+        squares = np.square(cells.detach().reshape(cells.shape[0], -1).numpy())
+        total = squares[0].copy()
+        for channel in squares[1:]:
+            np.add(total, channel, out=total)
+        return torch.from_numpy(np.sqrt(total).reshape(1, *cells.shape[1:]))
 
 
 def similarity_map(grid_similarity: torch.Tensor, upscale: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

@@ -5,9 +5,10 @@ prompt; refinement 2 adds the box around the mask. Each keeps the mask with
 the best predicted IoU. A prediction can come out empty: then there is no box
 to draw, and the last non-empty mask is kept instead of crashing.
 
-The refinements decode at the decoder's resolution and bring only the chosen
-mask to the image size (`best_upscaled`): the same mask, logits and box as
-upscaling all three candidates, for a third of the upscaling. The chosen mask is
+The refinements ask the decoder for the best of its three masks alone
+(`best_only`: the IoU scores are read first, only that mask's logits are made)
+and bring it to the image size only when needed (`best_upscaled`): the same
+mask, logits and box as making and upscaling all three candidates. The chosen mask is
 brought to full size when it is first read, so the guided prediction, passed on
 as refinement 1's mask prompt, is upscaled only if refinement 1 comes out empty.
 """
@@ -120,6 +121,7 @@ def refine_with_mask(predictor: SamPredictor, points: np.ndarray, labels: np.nda
         mask_input=previous.low_res_logits[None],
         multimask_output=True,
         full_size=False,
+        best_only=True,
     )
     return keep_non_empty(best_upscaled(predictor, prediction), previous)
 
@@ -139,6 +141,7 @@ def refine_with_box(predictor: SamPredictor, points: np.ndarray, labels: np.ndar
         mask_input=previous.low_res_logits[None],
         multimask_output=True,
         full_size=False,
+        best_only=True,
     )
     return keep_non_empty(best_upscaled(predictor, prediction), previous)
 

@@ -52,6 +52,7 @@ class MaskDecoder(nn.Module):
         attention_similarity: Optional[torch.Tensor] = None,
         target_embedding: Optional[torch.Tensor] = None,
         image_pe_tokens: Optional[torch.Tensor] = None,
+        best_only: bool = False,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Decode B prompt sets against one image (or B images).
 
@@ -61,6 +62,8 @@ class MaskDecoder(nn.Module):
         PerSAM's hooks (see transformer.py); None gives plain SAM.
         image_pe_tokens: image_pe as contiguous 1 x hw x C tokens, when cached (saves a transpose).
         multimask_output: masks 1..3 if True, else mask 0.
+        best_only: of those, only the one with the highest predicted IoU (the first of equals),
+        M = 1: the mask a caller picking the best would pick, without upscaling the others.
         Returns masks B x M x 4h x 4w and iou_pred B x M.
         """
         selected = slice(1, None) if multimask_output else slice(0, 1)
@@ -73,6 +76,7 @@ class MaskDecoder(nn.Module):
             target_embedding=target_embedding,
             image_pe_tokens=image_pe_tokens,
             selected=selected,
+            best_only=best_only,
         )
 
     def predict_masks(
@@ -85,10 +89,12 @@ class MaskDecoder(nn.Module):
         target_embedding: Optional[torch.Tensor] = None,
         image_pe_tokens: Optional[torch.Tensor] = None,
         selected: slice = slice(None),
+        best_only: bool = False,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The `selected` mask tokens (default all four): masks B x M x 4h x 4w and iou_pred B x M.
+        """The `selected` mask tokens (default all four): masks B x M x 4h x 4w and iou_pred B x M;
+        with `best_only`, the selected mask with the highest predicted IoU: B x 1 x 4h x 4w and B x 1.
 
-        Only the selected masks are upscaled, and the final token-to-image attention runs for
+        Only the selected (or best) masks are upscaled, and the final token-to-image attention runs for
         the IoU token and the selected mask tokens alone: no other token's last value is read.
         """
         batch = sparse_prompt_embeddings.shape[0]
@@ -106,9 +112,18 @@ class MaskDecoder(nn.Module):
         hs, src = self.transformer(src, pos_src, tokens, attention_similarity, target_embedding, image_pe_tokens,
                                    output_tokens=[0] + [1 + i for i in indices])  # the IoU token, the masks'
         iou_pred = self.iou_prediction_head(hs[:, 0, :])[:, selected]
+        if best_only:
+            best = iou_pred.argmax(dim=1, keepdim=True)  # B x 1, the first of equal scores
+            iou_pred = iou_pred.gather(1, best)
+            if batch == 1:  # only the best mask's hypernetwork (on one token, as it runs for all)
+                n = int(best)
+                hyper_in = self.output_hypernetworks_mlps[indices[n]](hs[:, 1 + n, :])[:, None]
+                return self.mask_logits(src, hyper_in, height, width), iou_pred
         hyper_in = torch.stack(
             [self.output_hypernetworks_mlps[i](hs[:, 1 + n, :]) for n, i in enumerate(indices)], dim=1
         )  # B x M x C/8
+        if best_only:
+            hyper_in = hyper_in.gather(1, best[..., None].expand(-1, -1, hyper_in.shape[-1]))
         return self.mask_logits(src, hyper_in, height, width), iou_pred
 
     def mask_logits(self, src: torch.Tensor, hyper_in: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -134,10 +149,11 @@ class MaskDecoder(nn.Module):
         if not exact_gelu:
             x = act2(x)
         x = x.reshape(batch, -1, out)  # B x (hw 4 4) x C/8
-        if batch == 1:
-            masks = linear(hyper_in[0], x[0], None)[None]  # 1 x M x (hw 4 4)
-        else:
-            masks = hyper_in @ x.transpose(1, 2)
+        # one single-row product per mask (a batch of M against the same x), so that a mask's
+        # logits do not depend on which other masks are made with it (`best_only` makes one)
+        count = hyper_in.shape[1]
+        masks = torch.stack([torch.bmm(hyper_in[b, :, None], x[b].t()[None].expand(count, -1, -1))[:, 0]
+                             for b in range(batch)])  # B x M x (hw 4 4)
         # token (i, j), first offset (a, b), second offset (c, d) -> pixel (4i + 2a + c, 4j + 2b + d)
         masks = masks.reshape(batch, -1, height, width, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
         return masks.reshape(batch, -1, 4 * height, 4 * width)

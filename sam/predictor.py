@@ -197,6 +197,7 @@ class SamPredictor:
         attention_similarity: Optional[ArrayLike] = None,
         target_embedding: Optional[ArrayLike] = None,
         full_size: bool = True,
+        best_only: bool = False,
     ) -> Prediction:
         """Decode prompts given in original-image pixels; returns numpy arrays.
 
@@ -206,6 +207,8 @@ class SamPredictor:
         masks; the output then has a leading B axis. attention_similarity and
         target_embedding are PerSAM's decoder hooks (see sam/transformer.py).
         full_size=False skips the original-size outputs (masks and logits are None).
+        best_only=True keeps only the mask with the highest predicted IoU (M = 1; the first
+        of equal scores, as numpy's argmax picks), the others are never upscaled.
         """
         batched = (point_coords is not None and np.ndim(point_coords) == 3) or (
             box is not None and np.ndim(box) == 2
@@ -226,6 +229,7 @@ class SamPredictor:
             attention_similarity=None if attention_similarity is None else torch.as_tensor(attention_similarity),
             target_embedding=None if target_embedding is None else torch.as_tensor(target_embedding),
             full_size=full_size,
+            best_only=best_only,
         )
 
         def to_numpy(t: Optional[torch.Tensor]) -> Optional[np.ndarray]:
@@ -247,6 +251,7 @@ class SamPredictor:
         attention_similarity: Optional[torch.Tensor] = None,
         target_embedding: Optional[torch.Tensor] = None,
         full_size: bool = True,
+        best_only: bool = False,
     ) -> Prediction:
         """Batched decoding, prompts in original-image pixels, tensors in and out.
 
@@ -287,6 +292,7 @@ class SamPredictor:
             multimask_output=multimask_output,
             attention_similarity=attention_similarity,
             target_embedding=target_embedding,
+            best_only=best_only,
         )
         if not full_size:
             return Prediction(None, iou_scores, low_res, None)

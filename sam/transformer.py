@@ -155,7 +155,7 @@ class TwoWayAttentionBlock(nn.Module):
         queries = self.norm3(queries + self.mlp(queries))
 
         q = queries + query_pe
-        keys = self.norm4(keys + self.cross_attn_image_to_token(q=k, k=q, v=queries))
+        keys = self.norm4(self.cross_attn_image_to_token(q=k, k=q, v=queries, residual=keys))
         return queries, keys
 
 
@@ -210,21 +210,30 @@ class Attention(nn.Module):
         k: torch.Tensor,
         v: torch.Tensor,
         attention_bias: Optional[torch.Tensor] = None,
+        residual: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """q: B x Nq x C, k and v: B x Nk x C -> B x Nq x C.
 
         attention_bias (B x 1 x 1 x Nk) is added to the softmax-normalised
         attention, which is then normalised again (PerSAM's target guidance).
+        residual (B x Nq x C), when given, is added to the output: residual + attention,
+        inside the last product where the order of products allows (one pass fewer over
+        the image tokens in the image-to-token attention).
         """
         queries, keys = q.shape[1], k.shape[1]
         if queries < keys and self._folds_cheaper(queries):
-            return self.attend_few_queries(q, k, v, attention_bias)
+            return self.attend_few_queries(q, k, v, attention_bias, residual)
         if keys < queries and attention_bias is None and self._folds_cheaper(keys):
-            return self.attend_few_keys(q, k, v)
-        return self.attend_plain(q, k, v, attention_bias)
+            return self.attend_few_keys(q, k, v, residual)
+        return self.attend_plain(q, k, v, attention_bias, residual)
 
     def attend_plain(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_bias: Optional[torch.Tensor] = None
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attention_bias: Optional[torch.Tensor] = None,
+        residual: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Project q, k and v, attend per head, project back (SAM's own order of products)."""
         q = self._split_heads(self.q_proj(q))
@@ -237,10 +246,16 @@ class Attention(nn.Module):
             attn = torch.softmax(attn + attention_bias, dim=-1)
             out = attn @ v
         batch, _, tokens, _ = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(batch, tokens, self.internal_dim))
+        out = self.out_proj(out.transpose(1, 2).reshape(batch, tokens, self.internal_dim))
+        return out if residual is None else residual + out
 
     def attend_few_queries(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_bias: Optional[torch.Tensor] = None
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attention_bias: Optional[torch.Tensor] = None,
+        residual: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """q: B x T x C (few), k and v: B x L x C -> B x T x C, with k and v never projected.
 
@@ -259,9 +274,12 @@ class Attention(nn.Module):
             attn = torch.softmax(attn + attention_bias.reshape(attention_bias.shape[0], 1, -1), dim=-1)
         mixed = (attn @ v).reshape(batch, self.num_heads, tokens, -1)  # B x H x T x C
         out = mixed @ v_weight.transpose(1, 2) + v_bias[:, None]  # B x H x T x d
-        return self.out_proj(out.transpose(1, 2).reshape(batch, tokens, self.internal_dim))
+        out = self.out_proj(out.transpose(1, 2).reshape(batch, tokens, self.internal_dim))
+        return out if residual is None else residual + out
 
-    def attend_few_keys(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend_few_keys(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, residual: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """q: B x L x C, k and v: B x T x C (few) -> B x L x C, with q never projected.
 
         The softmax over the few keys runs on the scores laid out B x (heads x T) x L, along
@@ -279,4 +297,7 @@ class Attention(nn.Module):
         attn = torch.softmax(scores.reshape(batch, self.num_heads, -1, length), dim=2)  # over the few keys
         out_weight = self.out_proj.weight.reshape(channels, self.num_heads, head_dim).permute(1, 2, 0)  # H x d x C
         projected = (values @ out_weight + self.out_proj.bias / self.num_heads).reshape(batch, -1, channels)
-        return attn.reshape(batch, -1, length).transpose(1, 2) @ projected  # B x L x C
+        attn = attn.reshape(batch, -1, length).transpose(1, 2)  # B x L x HT
+        if residual is None:
+            return attn @ projected  # B x L x C
+        return torch.baddbmm(residual, attn, projected)  # residual + attn @ projected, as the product is written

@@ -289,11 +289,11 @@ def decoder_side_by_side(predictor, points, labels, attention, target_embedding,
         first = guided_prediction(predictor, points, labels, attention, target_embedding, full_size=False)
         times.append(time.perf_counter() - t)
         t = time.perf_counter()
-        second = predictor.predict(points, labels, mask_input=first.low_res_logits[:1], full_size=False)
+        # the refinements as PerSAM makes them: multimask, the best mask alone (best_only)
+        second = predictor.predict(points, labels, mask_input=first.low_res_logits[:1], full_size=False, best_only=True)
         times.append(time.perf_counter() - t)
         t = time.perf_counter()
-        best = int(np.argmax(second.iou_scores))
-        predictor.predict(points, labels, box=box, mask_input=second.low_res_logits[best:best + 1], full_size=False)
+        predictor.predict(points, labels, box=box, mask_input=second.low_res_logits[:1], full_size=False, best_only=True)
         times.append(time.perf_counter() - t)
         return times
 

@@ -165,6 +165,26 @@ def test_folded_cross_attention_equals_projected(few):
         torch.testing.assert_close(folded, plain, rtol=0, atol=1e-5 * float(plain.abs().max()))
 
 
+@pytest.mark.parametrize("few", [1, 9, 16])
+def test_attention_adds_the_residual_in_every_order_of_products(few):
+    """`residual` gives residual + attention whichever path is taken (the image-to-token one adds
+    it inside its last product): to float rounding, and the same path as without it."""
+    generator = torch.Generator().manual_seed(10 + few)
+    layer = _attention(few)
+    tokens = torch.randn(2, few, 256, generator=generator)
+    image = torch.randn(2, 1024, 256, generator=generator)
+    image_residual = torch.randn(2, 1024, 256, generator=generator) * 5
+    token_residual = torch.randn(2, few, 256, generator=generator) * 5
+    with torch.inference_mode():
+        for q, k, residual in ((image, tokens, image_residual), (tokens, image, token_residual)):
+            without = layer(q, k, k)
+            added = layer(q, k, k, residual=residual)
+            torch.testing.assert_close(added, residual + without, rtol=0, atol=1e-5 * float(added.abs().max()))
+            assert not torch.allclose(added, without)  # the residual was really added
+            plain = layer.attend_plain(q, k, k, None, residual)
+            torch.testing.assert_close(plain, added, rtol=0, atol=1e-5 * float(added.abs().max()))
+
+
 def test_attention_keeps_the_projections_when_folding_is_not_cheaper():
     layer = _attention(0)
     generator = torch.Generator().manual_seed(1)
@@ -174,6 +194,54 @@ def test_attention_keeps_the_projections_when_folding_is_not_cheaper():
         assert torch.equal(layer(tokens, image, image), layer.attend_plain(tokens, image, image))
         assert torch.equal(layer(image, tokens, tokens), layer.attend_plain(image, tokens, tokens))
         assert torch.equal(layer(tokens, tokens, tokens), layer.attend_plain(tokens, tokens, tokens))
+
+
+def test_best_only_is_the_best_of_the_multimask_prediction(predictor, perseg_dir):
+    """predict(best_only=True) gives exactly the mask, logits, low-res logits and score that taking
+    numpy's argmax of the three multimask scores gives, for one prompt set and for a batch, and
+    the single mask unchanged without multimask output. The IoU head's last bias is shifted in
+    turn towards each mask, so that every one of them is the best once."""
+    image = np.ascontiguousarray(load_image(perseg_dir / "Images" / "cat" / "01.jpg")[::8, ::8])
+    predictor.set_image(image)
+    height, width = image.shape[:2]
+    points = np.array([[width * 0.5, height * 0.4], [width * 0.1, height * 0.9]], dtype=np.float32)
+    labels = np.array([1, 0])
+    side = predictor.model.prompt_encoder.mask_input_size[0]
+    low_res = np.random.default_rng(0).normal(size=(1, side, side)).astype(np.float32) * 4
+    box = np.array([width * 0.2, height * 0.2, width * 0.8, height * 0.7], dtype=np.float32)
+    batch_points = np.stack([points, points[::-1] * [[1.0, 0.5]]])
+    batch_labels = np.stack([labels, labels])
+    iou_bias = predictor.model.mask_decoder.iou_prediction_head.layers[-1].bias
+    saved = iou_bias.detach().clone()
+    chosen = set()
+    try:
+        for favourite in (1, 2, 3):
+            with torch.no_grad():
+                iou_bias.copy_(saved)
+                iou_bias[favourite] += 1.0
+            for prompt in ({}, {"mask_input": low_res}, {"mask_input": low_res, "box": box}):
+                everything = predictor.predict(points, labels, multimask_output=True, **prompt)
+                best = predictor.predict(points, labels, multimask_output=True, best_only=True, **prompt)
+                index = int(np.argmax(everything.iou_scores))
+                chosen.add(index)
+                assert best.masks.shape == (1, height, width) and best.iou_scores.shape == (1,)
+                for name in ("masks", "logits", "low_res_logits", "iou_scores"):
+                    np.testing.assert_array_equal(getattr(best, name)[0], getattr(everything, name)[index], err_msg=name)
+                single = predictor.predict(points, labels, multimask_output=False, **prompt)
+                only = predictor.predict(points, labels, multimask_output=False, best_only=True, **prompt)
+                np.testing.assert_array_equal(only.low_res_logits, single.low_res_logits)
+            # a batch of two prompt sets, each with its own best
+            everything = predictor.predict(batch_points, batch_labels, multimask_output=True)
+            best = predictor.predict(batch_points, batch_labels, multimask_output=True, best_only=True)
+            for b in range(2):
+                index = int(np.argmax(everything.iou_scores[b]))
+                np.testing.assert_array_equal(best.low_res_logits[b, 0], everything.low_res_logits[b, index])
+                np.testing.assert_array_equal(best.masks[b, 0], everything.masks[b, index])
+                assert best.iou_scores[b, 0] == everything.iou_scores[b, index]
+    finally:
+        with torch.no_grad():
+            iou_bias.copy_(saved)
+    assert chosen == {0, 1, 2}  # each of the three masks was the best somewhere
 
 
 @pytest.mark.parametrize("batch", [1, 2])

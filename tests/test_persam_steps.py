@@ -17,7 +17,7 @@ from persam.concept import FORMAT_VERSION, load_concept, save_concept
 from persam.finetune import FinetuneSettings
 from persam.guide import attention_similarity
 from persam.io import InputError, davis_palette, load_image, load_mask
-from persam.locate import select_points, similarity_grid, similarity_map
+from persam.locate import cell_norms, select_points, similarity_grid, similarity_map
 from persam.multi import mask_iou, segment_objects
 from persam.pipeline import Concept, learn_concept, learn_concept_weights, segment, segment_at
 from persam.refine import MaskChoice, keep_non_empty, mask_box
@@ -145,6 +145,30 @@ def test_point_indices_are_topks_also_on_ties_and_nan():
             expected = similarity.flatten().topk(k).indices
             assert torch.equal(_top_indices(similarity, k, True), expected)
     assert ties > 200  # the first-of-equal-extremes rule was really put to the test
+
+
+def test_cell_norms_are_torchs_norm_bit_for_bit():
+    """cell_norms repeats torch's norm(dim=0) exactly (its summation order and rounding), on
+    features of many scales, the decoder's 256 x 64 x 64 and odd shapes, zeros and non-finite cells."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(256, 64, 64)] * 12 + [(32, 5, 6), (1, 3, 3), (3, 1, 7), (1024, 8, 8)]
+    for index, shape in enumerate(shapes):
+        cells = torch.randn(*shape, generator=g) * float(10 ** (index % 7 - 3))
+        if index == 1:
+            cells[:, 0, 0] = 0
+            cells[3, 1, 1] = float("inf")
+            cells[4, 2, 2] = float("nan")
+            cells[5, 3, 3] = 1e30  # its square overflows
+        expected = cells.norm(dim=0, keepdim=True)
+        result = cell_norms(cells)
+        assert result.shape == expected.shape
+        assert torch.equal(result, expected) or torch.equal(result.isnan(), expected.isnan()) and torch.equal(
+            result[~result.isnan()], expected[~expected.isnan()]), shape
+    # a strided view (a batch's item) and reduced precision (torch's own kernel)
+    batch = torch.randn(2, 256, 16, 16, generator=g)
+    assert torch.equal(cell_norms(batch[1]), batch[1].norm(dim=0, keepdim=True))
+    half = torch.randn(16, 4, 4, generator=g).to(torch.bfloat16)
+    assert torch.equal(cell_norms(half), half.norm(dim=0, keepdim=True))
 
 
 def test_similarity_grid_is_cosine_per_cell():

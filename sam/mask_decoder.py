@@ -115,15 +115,15 @@ class MaskDecoder(nn.Module):
         if best_only:
             best = iou_pred.argmax(dim=1, keepdim=True)  # B x 1, the first of equal scores
             iou_pred = iou_pred.gather(1, best)
-            if batch == 1:  # only the best mask's hypernetwork (on one token, as it runs for all)
-                n = int(best)
-                hyper_in = self.output_hypernetworks_mlps[indices[n]](hs[:, 1 + n, :])[:, None]
-                return self.mask_logits(src, hyper_in, height, width), iou_pred
-        hyper_in = torch.stack(
-            [self.output_hypernetworks_mlps[i](hs[:, 1 + n, :]) for n, i in enumerate(indices)], dim=1
-        )  # B x M x C/8
-        if best_only:
-            hyper_in = hyper_in.gather(1, best[..., None].expand(-1, -1, hyper_in.shape[-1]))
+        if best_only and batch == 1:  # only the best mask's hypernetwork (on one token, as it runs for all)
+            n = int(best)
+            hyper_in = self.output_hypernetworks_mlps[indices[n]](hs[:, 1 + n, :])[:, None]  # 1 x 1 x C/8
+        else:
+            hyper_in = torch.stack(
+                [self.output_hypernetworks_mlps[i](hs[:, 1 + n, :]) for n, i in enumerate(indices)], dim=1
+            )  # B x M x C/8
+            if best_only:
+                hyper_in = hyper_in.gather(1, best[..., None].expand(-1, -1, hyper_in.shape[-1]))
         return self.mask_logits(src, hyper_in, height, width), iou_pred
 
     def mask_logits(self, src: torch.Tensor, hyper_in: torch.Tensor, height: int, width: int) -> torch.Tensor:

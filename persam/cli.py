@@ -249,6 +249,7 @@ def _run_targets(args: argparse.Namespace, predictor_factory, concept_factory, i
         made_with=made_with,
         reference_images=references,
         extra_outputs=tuple(writes) + cli_engine.extra_outputs(args),
+        batch_size=getattr(args, "batch_size", 1),
     )
     with OutputFolder(out_dir, options) as folder:
         targets = folder.plan(paths)

@@ -12,8 +12,9 @@ persam's, the run's key, atomic writes, strict JSON):
 2. a Ray Data pipeline over the pending images: ``from_items`` (index, name, path) ->
    ``map_batches(read_files)`` (tasks: the file bytes, through ``pyarrow.fs`` for URIs) ->
    ``map_batches(Segmenter)`` (actors: each loads the model and the concept once, on a GPU when
-   ``gpus_per_worker`` > 0, decodes its batch, encodes it in one encoder call and segments each
-   image with :func:`persam.run.segment_loaded`, the local engine's own per-image code);
+   ``gpus_per_worker`` > 0, and segments its batch together with :func:`persam.run.segment_targets`,
+   the local engine's own code: one decoder call per step of the method for the batch, and on a
+   GPU one encoder call);
 3. the workers return each image's record and output files (PNG mask, overlay, heat map) as
    bytes; the driver writes them atomically into --out and merges the records into
    results.json after every batch it receives (:meth:`OutputFolder.add_result`).
@@ -143,28 +144,19 @@ class Segmenter:
         self.options = options
 
     def __call__(self, batch: Dict[str, Any]) -> Dict[str, Any]:
-        from .run import error_result, load_target, segment_loaded
+        from .run import error_result, segment_targets
 
         results: List[Optional[ImageResult]] = []
-        loaded = []  # (position, target, image)
+        readable = []  # (position, target, file bytes)
         for i, (name, path, data, error) in enumerate(zip(batch["name"], batch["path"], batch["data"], batch["error"])):
             target = _target(str(name), str(path))
-            if error:
-                results.append(error_result(target, str(error)))
-                continue
-            image, failed = load_target(target, bytes(data))
-            results.append(failed)
-            if failed is None:
-                loaded.append((i, target, image))
-        embeddings, encode_s = [None] * len(loaded), None
-        encode_images = getattr(self.predictor, "encode_images", None)
-        if encode_images is not None and loaded:
-            start = time.perf_counter()
-            embeddings = encode_images([image for _, _, image in loaded], batch_size=len(loaded))
-            encode_s = (time.perf_counter() - start) / len(loaded)
-        for (i, target, image), embedding in zip(loaded, embeddings):
-            results[i] = segment_loaded(self.predictor, self.concept, target, image, self.options,
-                                        embedding=embedding, encode_s=encode_s if embedding is not None else None)
+            results.append(error_result(target, str(error)) if error else None)
+            if not error:
+                readable.append((i, target, bytes(data)))
+        segmented = segment_targets(self.predictor, self.concept, [t for _, t, _ in readable], self.options,
+                                    [data for _, _, data in readable])
+        for (i, _, _), result in zip(readable, segmented):
+            results[i] = result
         return {"index": batch["index"], "result": [pickle.dumps(r, protocol=pickle.HIGHEST_PROTOCOL) for r in results]}
 
 

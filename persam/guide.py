@@ -6,13 +6,13 @@ embedding is injected into the decoder tokens (target-semantic prompting);
 see sam/transformer.py for how the decoder applies both.
 """
 
-from typing import Tuple
+from typing import Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sam.predictor import Prediction, SamPredictor
+from sam.predictor import ImageEmbedding, Prediction, SamPredictor
 
 
 def attention_similarity(
@@ -70,4 +70,24 @@ def guided_prediction(
         attention_similarity=attention,
         target_embedding=embedding,
         full_size=full_size,
+    )
+
+
+def guided_predictions(
+    predictor: SamPredictor,
+    images: Sequence[ImageEmbedding],
+    points: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    attentions: Sequence[torch.Tensor],
+    embedding: torch.Tensor,
+) -> Prediction:
+    """`guided_prediction` (full_size=False) for several encoded images in one decoder call, image
+    i with its own points, labels and attention: low-res logits B x 1 x 256 x 256, iou B x 1."""
+    return predictor.predict_each(
+        images,
+        np.stack(points),
+        np.stack(labels),
+        multimask_output=False,
+        attention_similarity=torch.stack([a.reshape(-1) for a in attentions]),
+        target_embedding=embedding,
     )

@@ -2,8 +2,11 @@
 
     learn_concept   step 1 (+ step 4 for PerSAM-F) on one or more references
     segment         steps 2 and 3 on a new image (encoded once)
+    segment_images  steps 2 and 3 on several encoded images, each decoder call made for all of
+                    them at once (the fixed costs of a call are shared: quicker per image)
 """
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -11,12 +14,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from sam.predictor import SamPredictor
+from sam.predictor import ImageEmbedding, SamPredictor
 
 from .finetune import FinetuneSettings, learn_scale_weights
-from .guide import attention_similarity, guided_prediction
+from .guide import attention_similarity, guided_predictions
 from .locate import select_points, similarity_grid, similarity_map
-from .refine import best_upscaled, mask_box, mixed_mask, refine_with_box, refine_with_mask
+from .refine import best_upscaled, full_size, mask_box, mixed_mask, prediction_of, refine_with_boxes, refine_with_masks
 from .target import mask_area_on_grid, pool_target_features, target_cells, target_embedding, target_features, target_vector
 
 METHODS = ("persam", "persam_f")
@@ -178,59 +181,123 @@ def segment_at(
     argmin of the suppressed map could otherwise land. PerSAM-F has no
     negative point and ignores it.
     """
-    if negative_similarity is not None and tuple(negative_similarity.shape) != tuple(similarity.shape):
-        raise ValueError(f"negative_similarity is {tuple(negative_similarity.shape)} but similarity is {tuple(similarity.shape)}")
-    peak = float(similarity.max())
-    if min_similarity is not None and peak < min_similarity:
-        empty = np.zeros(similarity.shape, dtype=bool)
-        return Segmentation(empty, 0.0, peak, False, np.zeros((0, 2), np.float32), np.zeros(0, np.int64),
-                            similarity=similarity if keep_similarity else None)
-    if concept.method == "persam_f":
-        choice, points, labels = _persam_f_steps(predictor, concept, similarity)
-    else:
-        choice, points, labels = _persam_steps(predictor, concept, similarity, negative_similarity)
-    return Segmentation(
-        mask=choice.mask,
-        iou_score=choice.iou_score,
-        peak_similarity=peak,
-        found=not choice.is_empty,
-        points=points,
-        labels=labels,
-        box=mask_box(choice.mask),
-        similarity=similarity if keep_similarity else None,
-        low_res_logits=choice.low_res_logits,
-    )
+    return segment_images_at(predictor, concept, [predictor.current_image()], [similarity], min_similarity,
+                             keep_similarity, [negative_similarity])[0]
+
+
+def locate(predictor: SamPredictor, concept: Concept, image: ImageEmbedding) -> torch.Tensor:
+    """Step 2's H x W similarity map of an encoded image (of any size; not the current one)."""
+    upscale = functools.partial(predictor.upscale_image, image)
+    return similarity_map(similarity_grid(image.features, concept.target_vector), upscale)
+
+
+def segment_images(
+    predictor: SamPredictor,
+    concept: Concept,
+    images: Sequence[ImageEmbedding],
+    min_similarity: Optional[float] = None,
+    keep_similarity: bool = False,
+) -> List[Segmentation]:
+    """`segment` for several encoded images (``predictor.encode_images``), in order.
+
+    Each decoder call of the method is made once for all the images (those still taking it),
+    which shares the call's fixed costs; image i's values are those of segmenting it alone to
+    float rounding (tests/test_segment_images.py). The current image is not changed.
+    """
+    similarities = [locate(predictor, concept, image) for image in images]
+    return segment_images_at(predictor, concept, images, similarities, min_similarity, keep_similarity)
+
+
+def segment_images_at(
+    predictor: SamPredictor,
+    concept: Concept,
+    images: Sequence[ImageEmbedding],
+    similarities: Sequence[torch.Tensor],
+    min_similarity: Optional[float] = None,
+    keep_similarity: bool = False,
+    negative_similarities: Optional[Sequence[Optional[torch.Tensor]]] = None,
+) -> List[Segmentation]:
+    """`segment_at` for several encoded images, each with its similarity map (and, optionally,
+    its negative similarity map), their decoder calls made together."""
+    negatives = list(negative_similarities) if negative_similarities is not None else [None] * len(images)
+    if not (len(images) == len(similarities) == len(negatives)):
+        raise ValueError(f"{len(images)} images, {len(similarities)} similarity maps and {len(negatives)} negative maps")
+    for similarity, negative in zip(similarities, negatives):
+        if negative is not None and tuple(negative.shape) != tuple(similarity.shape):
+            raise ValueError(f"negative_similarity is {tuple(negative.shape)} but similarity is {tuple(similarity.shape)}")
+    results: List[Optional[Segmentation]] = [None] * len(images)
+    peaks = [float(similarity.max()) for similarity in similarities]
+    searched = []
+    for i, (similarity, peak) in enumerate(zip(similarities, peaks)):
+        if min_similarity is not None and peak < min_similarity:
+            empty = np.zeros(similarity.shape, dtype=bool)
+            results[i] = Segmentation(empty, 0.0, peak, False, np.zeros((0, 2), np.float32), np.zeros(0, np.int64),
+                                      similarity=similarity if keep_similarity else None)
+        else:
+            searched.append(i)
+    if searched:
+        chosen = [images[i] for i in searched]
+        maps = [similarities[i] for i in searched]
+        if concept.method == "persam_f":
+            choices, points, labels = _persam_f_steps(predictor, concept, chosen, maps)
+        else:
+            choices, points, labels = _persam_steps(predictor, concept, chosen, maps, [negatives[i] for i in searched])
+        for i, choice, image_points, image_labels in zip(searched, choices, points, labels):
+            results[i] = Segmentation(
+                mask=choice.mask,
+                iou_score=choice.iou_score,
+                peak_similarity=peaks[i],
+                found=not choice.is_empty,
+                points=image_points,
+                labels=image_labels,
+                box=mask_box(choice.mask),
+                similarity=similarities[i] if keep_similarity else None,
+                low_res_logits=choice.low_res_logits,
+            )
+    return results
 
 
 def _persam_steps(
     predictor: SamPredictor,
     concept: Concept,
-    similarity: torch.Tensor,
-    negative_similarity: Optional[torch.Tensor] = None,
+    images: Sequence[ImageEmbedding],
+    similarities: Sequence[torch.Tensor],
+    negative_similarities: Sequence[Optional[torch.Tensor]],
 ):
-    """PerSAM: positive + negative point, guided first prediction, two refinements.
+    """PerSAM on each image: positive + negative point, guided first prediction, two refinements.
 
-    The negative point is the argmin of `negative_similarity` when given, else of `similarity`.
+    An image's negative point is the argmin of its negative similarity map when given, else of
+    its similarity map.
     """
-    points, labels = select_points(similarity, k_positive=1, k_negative=1)
-    if negative_similarity is not None:
-        negative, _ = select_points(negative_similarity, k_positive=0, k_negative=1)
-        points = np.concatenate([points[:1], negative])
-    attention = attention_similarity(similarity, predictor.input_size, predictor.features.shape[-1], predictor.model.img_size)
-    first = guided_prediction(predictor, points, labels, attention, concept.target_embedding, full_size=False)
-    choice = best_upscaled(predictor, first)  # brought to full size only if refinement 1 comes out empty
-    choice = refine_with_mask(predictor, points, labels, choice)
-    choice = refine_with_box(predictor, points, labels, choice)
-    return choice, points, labels
+    points, labels, attentions = [], [], []
+    for image, similarity, negative_similarity in zip(images, similarities, negative_similarities):
+        image_points, image_labels = select_points(similarity, k_positive=1, k_negative=1)
+        if negative_similarity is not None:
+            negative, _ = select_points(negative_similarity, k_positive=0, k_negative=1)
+            image_points = np.concatenate([image_points[:1], negative])
+        points.append(image_points)
+        labels.append(image_labels)
+        attentions.append(attention_similarity(similarity, image.input_size, image.features.shape[-1],
+                                               predictor.model.img_size))
+    first = guided_predictions(predictor, images, points, labels, attentions, concept.target_embedding)
+    # each brought to full size only if its refinement 1 comes out empty
+    choices = [best_upscaled(predictor, prediction_of(first, i), image) for i, image in enumerate(images)]
+    choices = refine_with_masks(predictor, images, points, labels, choices)
+    choices = refine_with_boxes(predictor, images, points, labels, choices)
+    return choices, points, labels
 
 
-def _persam_f_steps(predictor: SamPredictor, concept: Concept, similarity: torch.Tensor):
-    """PerSAM-F: positive point, multimask mixed by the learned weights, then box refinements."""
-    points, labels = select_points(similarity, k_positive=1, k_negative=0)
-    choice = mixed_mask(predictor.predict(points, labels, multimask_output=True), concept.scale_weights)
-    choice = refine_with_box(predictor, points, labels, choice)
-    choice = refine_with_box(predictor, points, labels, choice)
-    return choice, points, labels
+def _persam_f_steps(predictor: SamPredictor, concept: Concept, images: Sequence[ImageEmbedding],
+                    similarities: Sequence[torch.Tensor]):
+    """PerSAM-F on each image: positive point, multimask mixed by the learned weights, then box refinements."""
+    selected = [select_points(similarity, k_positive=1, k_negative=0) for similarity in similarities]
+    points, labels = [p for p, _ in selected], [l for _, l in selected]
+    prediction = predictor.predict_each(images, np.stack(points), np.stack(labels), multimask_output=True)
+    choices = [mixed_mask(full_size(predictor, image, prediction_of(prediction, i)), concept.scale_weights)
+               for i, image in enumerate(images)]
+    choices = refine_with_boxes(predictor, images, points, labels, choices)
+    choices = refine_with_boxes(predictor, images, points, labels, choices)
+    return choices, points, labels
 
 
 class PerSAM:

@@ -13,12 +13,13 @@ brought to full size when it is first read, so the guided prediction, passed on
 as refinement 1's mask prompt, is upscaled only if refinement 1 comes out empty.
 """
 
-from typing import Callable, Optional
+import functools
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
 
-from sam.predictor import Prediction, SamPredictor
+from sam.predictor import ImageEmbedding, Prediction, SamPredictor
 
 from .finetune import mix_logits
 
@@ -83,13 +84,28 @@ def best_mask(prediction: Prediction) -> MaskChoice:
     )
 
 
-def best_upscaled(predictor: SamPredictor, prediction: Prediction) -> MaskChoice:
+def best_upscaled(predictor: SamPredictor, prediction: Prediction, image: Optional[ImageEmbedding] = None) -> MaskChoice:
     """`best_mask` of a prediction decoded with full_size=False: only the chosen mask's low-res
     logits are brought to the original size (the very values `best_mask` would get), and only
-    when its mask or logits are first read."""
+    when its mask or logits are first read. `image`: the encoded image the prediction is of,
+    when it is not the predictor's current one (`predict_each`)."""
     index = int(np.argmax(prediction.iou_scores))
+    upscale = predictor.upscale if image is None else functools.partial(predictor.upscale_image, image)
     return MaskChoice(None, prediction.low_res_logits[index], float(prediction.iou_scores[index]),
-                      upscale=predictor.upscale, threshold=predictor.model.mask_threshold)
+                      upscale=upscale, threshold=predictor.model.mask_threshold)
+
+
+def prediction_of(prediction: Prediction, index: int) -> Prediction:
+    """Image `index`'s part of a `predict_each` prediction (low-res only), as `predict` gives it."""
+    return Prediction(None, prediction.iou_scores[index], prediction.low_res_logits[index], None)
+
+
+def full_size(predictor: SamPredictor, image: ImageEmbedding, prediction: Prediction) -> Prediction:
+    """A low-res prediction of `image` with its masks and logits at the image's size, the values
+    `predict(..., full_size=True)` gives."""
+    logits = predictor.upscale_image(image, torch.from_numpy(np.ascontiguousarray(prediction.low_res_logits))[None])[0]
+    logits = logits.cpu().numpy()
+    return Prediction(logits > predictor.model.mask_threshold, prediction.iou_scores, prediction.low_res_logits, logits)
 
 
 def mixed_mask(prediction: Prediction, scale_weights: torch.Tensor) -> MaskChoice:
@@ -115,15 +131,7 @@ def mask_box(mask: np.ndarray) -> Optional[np.ndarray]:
 
 def refine_with_mask(predictor: SamPredictor, points: np.ndarray, labels: np.ndarray, previous: MaskChoice) -> MaskChoice:
     """Refinement 1: the same points + the previous low-res logits as mask prompt, multimask, best."""
-    prediction = predictor.predict(
-        point_coords=points,
-        point_labels=labels,
-        mask_input=previous.low_res_logits[None],
-        multimask_output=True,
-        full_size=False,
-        best_only=True,
-    )
-    return keep_non_empty(best_upscaled(predictor, prediction), previous)
+    return refine_with_masks(predictor, [predictor.current_image()], [points], [labels], [previous])[0]
 
 
 def refine_with_box(predictor: SamPredictor, points: np.ndarray, labels: np.ndarray, previous: MaskChoice) -> MaskChoice:
@@ -131,19 +139,56 @@ def refine_with_box(predictor: SamPredictor, points: np.ndarray, labels: np.ndar
 
     Without a box (the previous mask is empty) the previous choice stands.
     """
-    box = mask_box(previous.mask)
-    if box is None:
-        return previous
-    prediction = predictor.predict(
-        point_coords=points,
-        point_labels=labels,
-        box=box,
-        mask_input=previous.low_res_logits[None],
+    return refine_with_boxes(predictor, [predictor.current_image()], [points], [labels], [previous])[0]
+
+
+def refine_with_masks(
+    predictor: SamPredictor,
+    images: Sequence[ImageEmbedding],
+    points: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    previous: Sequence[MaskChoice],
+) -> List[MaskChoice]:
+    """`refine_with_mask` for several encoded images (each its own points, labels and previous
+    choice, the same number of points each) in one decoder call."""
+    prediction = predictor.predict_each(
+        images,
+        np.stack(points),
+        np.stack(labels),
+        mask_input=np.stack([choice.low_res_logits[None] for choice in previous]),
         multimask_output=True,
-        full_size=False,
         best_only=True,
     )
-    return keep_non_empty(best_upscaled(predictor, prediction), previous)
+    return [keep_non_empty(best_upscaled(predictor, prediction_of(prediction, i), image), choice)
+            for i, (image, choice) in enumerate(zip(images, previous))]
+
+
+def refine_with_boxes(
+    predictor: SamPredictor,
+    images: Sequence[ImageEmbedding],
+    points: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    previous: Sequence[MaskChoice],
+) -> List[MaskChoice]:
+    """`refine_with_box` for several encoded images in one decoder call: those whose previous
+    mask is empty have no box and keep their previous choice."""
+    refined = list(previous)
+    boxes = [mask_box(choice.mask) for choice in previous]
+    boxed = [i for i, box in enumerate(boxes) if box is not None]
+    if not boxed:
+        return refined
+    prediction = predictor.predict_each(
+        [images[i] for i in boxed],
+        np.stack([points[i] for i in boxed]),
+        np.stack([labels[i] for i in boxed]),
+        boxes=np.stack([boxes[i] for i in boxed]),
+        mask_input=np.stack([previous[i].low_res_logits[None] for i in boxed]),
+        multimask_output=True,
+        best_only=True,
+    )
+    for row, i in enumerate(boxed):
+        refined[i] = keep_non_empty(best_upscaled(predictor, prediction_of(prediction, row), images[i]), previous[i])
+    return refined
 
 
 def keep_non_empty(new: MaskChoice, previous: MaskChoice) -> MaskChoice:

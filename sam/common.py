@@ -40,6 +40,17 @@ class LayerNorm2d(nn.Module):
         return self.weight[:, None, None] * x + self.bias[:, None, None]
 
 
+def _onednn_inference(*tensors: torch.Tensor) -> bool:
+    """Whether oneDNN's CPU matrix products may run on these fp32 tensors: on a CPU, in inference
+    (no autograd through them), outside an export or compilation, in a torch with oneDNN."""
+    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
+        return False
+    if getattr(torch.ops.mkldnn, "_linear_pointwise", None) is None or not torch.backends.mkldnn.is_available():
+        return False
+    grad = torch.is_grad_enabled()
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and not (grad and t.requires_grad) for t in tensors)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], gelu: bool = False) -> torch.Tensor:
     """x (N x K) @ weight^T (weight N_out x K) + bias, then the exact GELU if `gelu`: N x N_out.
 
@@ -49,15 +60,33 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
     image-sized products took as long as the product itself. Elsewhere (GPU, autograd, an
     export or compilation, a torch without oneDNN) it is F.linear and F.gelu.
     """
-    exporting = torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
-    fused = None if exporting or x.device.type != "cpu" else getattr(torch.ops.mkldnn, "_linear_pointwise", None)
-    if (fused is not None and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.dim() == 2
-            and torch.backends.mkldnn.is_available()
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
-        return fused(x.contiguous(), weight.contiguous(), bias, "gelu" if gelu else "none", [],
-                     "none" if gelu else "")
+    if x.dim() == 2 and _onednn_inference(x, weight, *([] if bias is None else [bias])):
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight.contiguous(), bias, "gelu" if gelu else "none",
+                                                  [], "none" if gelu else "")
     out = F.linear(x, weight, bias)
     return F.gelu(out) if gelu else out
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (B x M x K) @ b (B x K x N) -> B x M x N, as torch.matmul.
+
+    For the decoder's lopsided products (4096 image tokens by 256 channels against some 72
+    head-token pairs, either way round) oneDNN's CPU kernel, called as a linear layer whose
+    weights are b^T read in place whatever its strides, is 15-35 % quicker than bmm's; it runs
+    one image of the batch at a time (each image's operands stay in the cache). Elsewhere (see
+    `linear`) and for other shapes this is torch.matmul.
+    """
+    if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or not _onednn_inference(a, b):
+        return torch.matmul(a, b)
+    def one(i: int) -> torch.Tensor:
+        weight = b[i].t()  # N x K: b itself (K x N row-major) read column by column, no copy
+        if not (weight.is_contiguous() or weight.t().is_contiguous()):
+            weight = weight.contiguous()
+        return torch.ops.mkldnn._linear_pointwise(a[i].contiguous(), weight, None, "none", [], "")
+
+    if a.shape[0] == 1:
+        return one(0)[None]
+    return torch.stack([one(i) for i in range(a.shape[0])])
 
 
 def pad_grid(x: torch.Tensor, multiple: int, value: Optional[torch.Tensor] = None) -> torch.Tensor:

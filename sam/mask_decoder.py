@@ -141,19 +141,25 @@ class MaskDecoder(nn.Module):
         mid, out = first.out_channels, second.out_channels
         # (2 x 2 x mid) x C: the outputs ordered (row offset, column offset, channel)
         first_weight = first.weight.permute(2, 3, 1, 0).reshape(4 * mid, channels)
-        x = linear(src.reshape(-1, channels), first_weight, first.bias.repeat(4))  # (B hw) x 4 mid
-        x = act1(F.layer_norm(x.reshape(-1, mid), (mid,), norm.weight, norm.bias, norm.eps))  # (B hw 4) x mid
+        first_bias = first.bias.repeat(4)
         second_weight = second.weight.permute(2, 3, 1, 0).reshape(4 * out, mid)
+        second_bias = second.bias.repeat(4)
         exact_gelu = isinstance(act2, nn.GELU) and act2.approximate == "none"
-        x = linear(x, second_weight, second.bias.repeat(4), gelu=exact_gelu)  # (B hw 4) x 4 out
-        if not exact_gelu:
-            x = act2(x)
-        x = x.reshape(batch, -1, out)  # B x (hw 4 4) x C/8
-        # one single-row product per mask (a batch of M against the same x), so that a mask's
-        # logits do not depend on which other masks are made with it (`best_only` makes one)
-        count = hyper_in.shape[1]
-        masks = torch.stack([torch.bmm(hyper_in[b, :, None], x[b].t()[None].expand(count, -1, -1))[:, 0]
-                             for b in range(batch)])  # B x M x (hw 4 4)
+
+        def one_image(b: int) -> torch.Tensor:
+            # an image at a time: its upscaled features (16 MB for SAM) stay in the cache
+            x = linear(src[b], first_weight, first_bias)  # hw x 4 mid
+            x = act1(F.layer_norm(x.reshape(-1, mid), (mid,), norm.weight, norm.bias, norm.eps))  # (hw 4) x mid
+            x = linear(x, second_weight, second_bias, gelu=exact_gelu)  # (hw 4) x 4 out
+            if not exact_gelu:
+                x = act2(x)
+            x = x.reshape(-1, out)  # (hw 4 4) x C/8
+            # one single-row product per mask (a batch of M against the same x), so that a mask's
+            # logits do not depend on which other masks are made with it (`best_only` makes one)
+            count = hyper_in.shape[1]
+            return torch.bmm(hyper_in[b, :, None], x.t()[None].expand(count, -1, -1))[:, 0]  # M x (hw 4 4)
+
+        masks = torch.stack([one_image(b) for b in range(batch)])  # B x M x (hw 4 4)
         # token (i, j), first offset (a, b), second offset (c, d) -> pixel (4i + 2a + c, 4j + 2b + d)
         masks = masks.reshape(batch, -1, height, width, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
         return masks.reshape(batch, -1, 4 * height, 4 * width)

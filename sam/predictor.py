@@ -98,6 +98,7 @@ class SamPredictor:
             )
         self._encoder_options = {"sha256": checkpoint_sha256, "cache_dir": cache_dir}
         self._encoder = None
+        self._stacked_cache: Optional[Tuple[List[torch.Tensor], torch.Tensor]] = None
         self.reset_image()
 
     @property
@@ -282,9 +283,67 @@ class SamPredictor:
         if target_embedding is not None:
             target_embedding = target_embedding.to(self.device, torch.float32)
 
+        low_res, iou_scores = self._decode(self.decoder_features(), points, boxes, mask_input, multimask_output,
+                                           attention_similarity, target_embedding, best_only)
+        if not full_size:
+            return Prediction(None, iou_scores, low_res, None)
+        logits = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
+        return Prediction(logits > self.model.mask_threshold, iou_scores, low_res, logits)
+
+    @torch.inference_mode()
+    def predict_each(
+        self,
+        images: Sequence[ImageEmbedding],
+        point_coords: ArrayLike,
+        point_labels: ArrayLike,
+        boxes: Optional[ArrayLike] = None,
+        mask_input: Optional[ArrayLike] = None,
+        multimask_output: bool = True,
+        attention_similarity: Optional[ArrayLike] = None,
+        target_embedding: Optional[ArrayLike] = None,
+        best_only: bool = False,
+    ) -> Prediction:
+        """Decode prompt set i against encoded image i, for B images in one decoder call.
+
+        point_coords: B x N x 2 (x, y in each image's own original pixels), point_labels: B x N;
+        boxes: B x 4; mask_input: B x 1 x 256 x 256; attention_similarity: B x hw;
+        target_embedding: 1 x C or B x C. The current image is not changed. Returns numpy
+        low-resolution outputs only (the images' sizes differ; `upscale_image` brings one to
+        its size): low_res_logits B x M x 256 x 256 and iou_scores B x M, masks and logits None.
+        Image i's values are those `predict(..., full_size=False)` gives with image i set.
+        """
+        count = len(images)
+        coords = torch.as_tensor(np.asarray(point_coords, dtype=np.float32), device=self.device)
+        labels = torch.as_tensor(np.asarray(point_labels), device=self.device)
+        if count < 1 or coords.dim() != 3 or coords.shape[0] != count or coords.shape[-1] != 2 \
+                or tuple(labels.shape) != tuple(coords.shape[:2]):
+            raise ValueError(f"predict_each needs B x N x 2 points and B x N labels for B = {count} images, got "
+                             f"{tuple(coords.shape)} and {tuple(labels.shape)}")
+        scaled = [scale_coords(coords[i:i + 1], image.original_size, self.model.img_size) for i, image in enumerate(images)]
+        points = (torch.cat(scaled), labels.to(torch.int64))
+        if boxes is not None:
+            given = torch.as_tensor(np.asarray(boxes, dtype=np.float32), device=self.device).reshape(-1, 4)
+            if given.shape[0] != count:
+                raise ValueError(f"predict_each needs B x 4 boxes for B = {count} images, got {tuple(given.shape)}")
+            boxes = torch.cat([scale_boxes(given[i:i + 1], image.original_size, self.model.img_size)
+                               for i, image in enumerate(images)])
+        if mask_input is not None:
+            mask_input = torch.as_tensor(np.asarray(mask_input), device=self.device).to(torch.float32)
+        if attention_similarity is not None:
+            attention_similarity = torch.as_tensor(attention_similarity).to(self.device, torch.float32)
+        if target_embedding is not None:
+            target_embedding = torch.as_tensor(target_embedding).to(self.device, torch.float32)
+        low_res, iou_scores = self._decode(self._stacked_features(images), points, boxes, mask_input, multimask_output,
+                                           attention_similarity, target_embedding, best_only)
+        return Prediction(None, iou_scores.float().cpu().numpy(), low_res.float().cpu().numpy(), None)
+
+    def _decode(self, features, points, boxes, mask_input, multimask_output, attention_similarity, target_embedding,
+                best_only) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Prompts in the input frame -> (low-res logits B x M x 256 x 256, iou B x M) against
+        `features` (1 or B images, channels last)."""
         sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
-        low_res, iou_scores = self.model.mask_decoder(
-            image_embeddings=self.decoder_features(),
+        return self.model.mask_decoder(
+            image_embeddings=features,
             image_pe=self.model.prompt_encoder.get_dense_pe(),
             image_pe_tokens=self.model.prompt_encoder.get_dense_pe_tokens(),
             sparse_prompt_embeddings=sparse,
@@ -294,10 +353,27 @@ class SamPredictor:
             target_embedding=target_embedding,
             best_only=best_only,
         )
-        if not full_size:
-            return Prediction(None, iou_scores, low_res, None)
-        logits = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
-        return Prediction(logits > self.model.mask_threshold, iou_scores, low_res, logits)
+
+    def _stacked_features(self, images: Sequence[ImageEmbedding]) -> torch.Tensor:
+        """The images' features as one B x 256 x 64 x 64 channels-last batch, made once for the
+        decoder calls of the same images (PerSAM makes three in a row)."""
+        tensors = [image.features for image in images]
+        cached = self._stacked_cache
+        if cached is None or len(cached[0]) != len(tensors) or any(a is not b for a, b in zip(cached[0], tensors)):
+            stacked = torch.cat([t.to(self.device) for t in tensors]).contiguous(memory_format=torch.channels_last)
+            cached = (tensors, stacked)
+            self._stacked_cache = cached
+        return cached[1]
+
+    def upscale_image(self, image: ImageEmbedding, low_res: torch.Tensor) -> torch.Tensor:
+        """Any B x M x 256 x 256 map of an encoded image -> B x M x H x W at that image's size."""
+        return self.model.postprocess_masks(low_res.to(self.device), image.input_size, image.original_size)
+
+    def current_image(self) -> ImageEmbedding:
+        """The current image as an ImageEmbedding (for `predict_each`)."""
+        if not self.is_image_set:
+            raise RuntimeError("no image is set: call set_image() before predict()")
+        return ImageEmbedding(self.features, self.original_size, self.input_size)
 
     def decoder_features(self) -> torch.Tensor:
         """`features` in the decoder's layout, channels last (the image tokens hw x C contiguous),

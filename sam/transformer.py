@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import MLPBlock
+from .common import MLPBlock, matmul
 
 
 class TwoWayTransformer(nn.Module):
@@ -268,11 +268,10 @@ class Attention(nn.Module):
         v_weight, v_bias = self._head_weights(self.v_proj)
         queries = self._split_heads(self.q_proj(q)) / math.sqrt(head_dim)  # B x H x T x d
         folded = (queries @ k_weight).reshape(batch, -1, k.shape[-1])  # B x HT x C
-        # L x HT is the quick product on a CPU (the long axis as rows); the softmax wants HT x L
-        attn = torch.softmax((k @ folded.transpose(1, 2)).transpose(1, 2), dim=-1)  # B x HT x L
+        attn = torch.softmax(matmul(folded, k.transpose(1, 2)), dim=-1)  # B x HT x L
         if attention_bias is not None:
             attn = torch.softmax(attn + attention_bias.reshape(attention_bias.shape[0], 1, -1), dim=-1)
-        mixed = (attn @ v).reshape(batch, self.num_heads, tokens, -1)  # B x H x T x C
+        mixed = matmul(attn, v).reshape(batch, self.num_heads, tokens, -1)  # B x H x T x C
         out = mixed @ v_weight.transpose(1, 2) + v_bias[:, None]  # B x H x T x d
         out = self.out_proj(out.transpose(1, 2).reshape(batch, tokens, self.internal_dim))
         return out if residual is None else residual + out
@@ -293,7 +292,7 @@ class Attention(nn.Module):
         values = self._split_heads(self.v_proj(v))  # B x H x T x d
         folded = (keys @ q_weight).reshape(batch, -1, channels)  # B x HT x C
         offset = (keys @ q_bias[:, :, None]).reshape(batch, -1, 1)  # B x HT x 1, constant along L
-        scores = (q @ folded.transpose(1, 2)).transpose(1, 2) + offset  # B x HT x L, contiguous
+        scores = matmul(folded, q.transpose(1, 2)) + offset  # B x HT x L
         attn = torch.softmax(scores.reshape(batch, self.num_heads, -1, length), dim=2)  # over the few keys
         out_weight = self.out_proj.weight.reshape(channels, self.num_heads, head_dim).permute(1, 2, 0)  # H x d x C
         projected = (values @ out_weight + self.out_proj.bias / self.num_heads).reshape(batch, -1, channels)

@@ -326,8 +326,10 @@ def test_keyboard_interrupt_leaves_no_partial_files(data, checkpoint, tmp_path, 
     import persam.run
 
     out = tmp_path / "out"
-    argv = ["segment", *ref_args(data), data / "targets", "--out", out, "--save-similarity", *model_args(checkpoint)]
-    real_segment = persam.run.segment
+    # one image at a time (--batch-size 1): interrupted while segmenting the second
+    argv = ["segment", *ref_args(data), data / "targets", "--out", out, "--save-similarity", "--batch-size", "1",
+            *model_args(checkpoint)]
+    real_segment = persam.run.segment_images
     calls = []
 
     def interrupting_segment(*args, **kwargs):
@@ -336,7 +338,7 @@ def test_keyboard_interrupt_leaves_no_partial_files(data, checkpoint, tmp_path, 
             raise KeyboardInterrupt
         return real_segment(*args, **kwargs)
 
-    monkeypatch.setattr(persam.run, "segment", interrupting_segment)
+    monkeypatch.setattr(persam.run, "segment_images", interrupting_segment)
     assert run_cli(argv) == 130
     assert "interrupted" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["01.png", "01_overlay.jpg", "01_similarity.png", "results.json"]
@@ -346,7 +348,7 @@ def test_keyboard_interrupt_leaves_no_partial_files(data, checkpoint, tmp_path, 
     # interrupted while writing the outputs: the image's files written so far are removed
     import persam.visualize
 
-    monkeypatch.setattr(persam.run, "segment", real_segment)
+    monkeypatch.setattr(persam.run, "segment_images", real_segment)
     monkeypatch.setattr(persam.visualize, "overlay", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     assert run_cli(argv) == 130
     assert not (out / "02_similarity.png").exists() and not (out / "02.png").exists()

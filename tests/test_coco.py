@@ -58,12 +58,14 @@ def stand_ins(monkeypatch):
         self.set_embedding(features, original_size, tuple(resized_image.shape[-2:]))
         return self.features
 
-    def segment(predictor, concept, image=None, min_similarity=None, keep_similarity=False):
-        h, w = predictor.original_size
+    def segment_one(h, w):
         if w == h:
             return Segmentation(mask=np.zeros((h, w), bool), iou_score=0.1, peak_similarity=0.2, found=False,
                                 points=np.array([[1.0, 1.0]], np.float32), labels=np.array([1]))
         return found_segmentation(disc(h, w, w / 3, h / 2, h / 3), 0.875)
+
+    def segment_images(predictor, concept, images, min_similarity=None, keep_similarity=False):
+        return [segment_one(*image.original_size) for image in images]
 
     def segment_objects(predictor, concept, image=None, max_objects=5, min_similarity=None, **kw):
         h, w = predictor.original_size
@@ -71,7 +73,7 @@ def stand_ins(monkeypatch):
                 found_segmentation(disc(h, w, w / 2, h / 2, h / 3), 0.6)]  # overlaps the first
 
     monkeypatch.setattr(SamPredictor, "set_torch_image", set_torch_image)
-    monkeypatch.setattr(persam.run, "segment", segment)
+    monkeypatch.setattr(persam.run, "segment_images", segment_images)
     monkeypatch.setattr(persam.multi, "segment_objects", segment_objects)
 
 

@@ -108,13 +108,13 @@ def test_a_file_written_just_before_a_run_was_killed_is_ours(data, checkpoint, t
 
     out = tmp_path / "out"
     argv = ["segment", *ref_args(data), data / "targets" / "01.jpg", "--out", out, *model_args(checkpoint)]
-    real = persam.run._segment_target
+    real = persam.run.write_result
 
     def killed_after_writing(*args, **kwargs):
         real(*args, **kwargs)  # outputs written...
         raise KeyboardInterrupt  # ...but the record never saved
 
-    monkeypatch.setattr(persam.run, "_segment_target", killed_after_writing)
+    monkeypatch.setattr(persam.run, "write_result", killed_after_writing)
     assert run_cli(argv) == 130
     results = strict_json(out / "results.json")
     assert results["images"] == [] and {"01.png", "01_overlay.jpg"} <= set(results["files"])

@@ -193,6 +193,10 @@ class SessionPredictor:
         self.select(pixels_key(image), lambda: image)
         return self._view.features
 
+    def encode_images(self, *args, **kwargs):
+        with self._shared.lock:
+            return self._view.encode_images(*args, **kwargs)
+
     def predict(self, *args, **kwargs):
         with self._shared.lock:
             return self._view.predict(*args, **kwargs)
@@ -201,9 +205,17 @@ class SessionPredictor:
         with self._shared.lock:
             return self._view.predict_torch(*args, **kwargs)
 
+    def predict_each(self, *args, **kwargs):
+        with self._shared.lock:
+            return self._view.predict_each(*args, **kwargs)
+
     def upscale(self, low_res):
         with self._shared.lock:
             return self._view.upscale(low_res)
+
+    def upscale_image(self, image, low_res):
+        with self._shared.lock:
+            return self._view.upscale_image(image, low_res)
 
 
 # --------------------------------------------------------------------------------------------

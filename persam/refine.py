@@ -151,16 +151,7 @@ def refine_with_masks(
 ) -> List[MaskChoice]:
     """`refine_with_mask` for several encoded images (each its own points, labels and previous
     choice, the same number of points each) in one decoder call."""
-    prediction = predictor.predict_each(
-        images,
-        np.stack(points),
-        np.stack(labels),
-        mask_input=np.stack([choice.low_res_logits[None] for choice in previous]),
-        multimask_output=True,
-        best_only=True,
-    )
-    return [keep_non_empty(best_upscaled(predictor, prediction_of(prediction, i), image), choice)
-            for i, (image, choice) in enumerate(zip(images, previous))]
+    return _refine_each(predictor, images, points, labels, previous, None)
 
 
 def refine_with_boxes(
@@ -175,20 +166,35 @@ def refine_with_boxes(
     refined = list(previous)
     boxes = [mask_box(choice.mask) for choice in previous]
     boxed = [i for i, box in enumerate(boxes) if box is not None]
-    if not boxed:
-        return refined
+    if boxed:
+        chosen = _refine_each(predictor, [images[i] for i in boxed], [points[i] for i in boxed],
+                              [labels[i] for i in boxed], [previous[i] for i in boxed], [boxes[i] for i in boxed])
+        for i, choice in zip(boxed, chosen):
+            refined[i] = choice
+    return refined
+
+
+def _refine_each(
+    predictor: SamPredictor,
+    images: Sequence[ImageEmbedding],
+    points: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    previous: Sequence[MaskChoice],
+    boxes: Optional[Sequence[np.ndarray]],
+) -> List[MaskChoice]:
+    """One decoder call for a refinement of each image: its points (and box), its previous
+    low-res logits as mask prompt, multimask, the best mask alone, kept only if not emptier."""
     prediction = predictor.predict_each(
-        [images[i] for i in boxed],
-        np.stack([points[i] for i in boxed]),
-        np.stack([labels[i] for i in boxed]),
-        boxes=np.stack([boxes[i] for i in boxed]),
-        mask_input=np.stack([previous[i].low_res_logits[None] for i in boxed]),
+        images,
+        np.stack(points),
+        np.stack(labels),
+        boxes=None if boxes is None else np.stack(boxes),
+        mask_input=np.stack([choice.low_res_logits[None] for choice in previous]),
         multimask_output=True,
         best_only=True,
     )
-    for row, i in enumerate(boxed):
-        refined[i] = keep_non_empty(best_upscaled(predictor, prediction_of(prediction, row), images[i]), previous[i])
-    return refined
+    return [keep_non_empty(best_upscaled(predictor, prediction_of(prediction, row), image), choice)
+            for row, (image, choice) in enumerate(zip(images, previous))]
 
 
 def keep_non_empty(new: MaskChoice, previous: MaskChoice) -> MaskChoice:

@@ -2,7 +2,7 @@
 
     python scripts/bench_pipeline.py [--model vit_t] [--checkpoint PATH] [--backend auto] [--precision fp32]
                                      [--photos DIR] [--ref-class cat] [--repeats 2] [--batch-size 1]
-                                     [--method persam|persam_f] [--threads N] [--no-cli] [--finetune]
+                                     [--decode-group 4] [--method persam|persam_f] [--threads N] [--no-cli] [--finetune]
 
 The concept is learned from a shared PerSeg reference (--ref-class, photo 00 and its mask);
 then every photo of --photos (default the shared DreamBooth dog photos, 780 px) goes through
@@ -17,7 +17,10 @@ the steps of `persam segment`, each timed:
     outputs    the overlay JPEG and mask PNG, encoded to bytes as the command writes them
 
 and reports the median per photo, with locate + decode (the issue's "locate + decode +
-refinements") and the sum. One-time costs are printed apart: model loading, the backend's
+refinements") and the sum. Then locate + decode again as `persam segment` makes them
+(persam.pipeline.segment_images_at), the decoder calls of --decode-group photos made together
+(the command's --batch-size) alternating with the same photos one at a time, per photo and
+their ratio. One-time costs are printed apart: model loading, the backend's
 build or cache load, learning the concept (and PerSAM-F's fine-tuning with --finetune).
 Then, unless --no-cli, `persam segment` itself runs twice in this process on copies of the
 photos (once on one photo, once on all) and the difference of the two wall times per extra
@@ -133,6 +136,8 @@ def main() -> int:
     parser.add_argument("--method", default="persam", choices=("persam", "persam_f"))
     parser.add_argument("--repeats", type=int, default=2, help="passes over the photos (default 2)")
     parser.add_argument("--batch-size", type=int, default=1, help="photos per encoder call (default 1)")
+    parser.add_argument("--decode-group", type=int, default=4,
+                        help="photos per decoder call in the grouped pass, as `persam segment --batch-size` (default 4)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default torch's)")
     parser.add_argument("--finetune", action="store_true", help="also time PerSAM-F fine-tuning (1000 steps)")
     parser.add_argument("--no-cli", action="store_true", help="skip the end-to-end `persam segment` runs")
@@ -154,7 +159,7 @@ def main() -> int:
     from persam.guide import attention_similarity, guided_prediction
     from persam.io import encode_png, load_image, load_mask
     from persam.locate import select_points, similarity_grid, similarity_map
-    from persam.pipeline import learn_concept
+    from persam.pipeline import learn_concept, locate, segment_images_at
     from persam.refine import best_upscaled, mixed_mask, refine_with_box, refine_with_mask
     from persam.visualize import overlay
 
@@ -179,6 +184,7 @@ def main() -> int:
 
     steps = {name: [] for name in ("load", "encode", "locate", "decode", "  upscale", "outputs")}
     decoder_calls = []
+    encoded = {}  # photo -> its embedding, for the grouped pass
     profiler = contextlib.nullcontext()
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
@@ -195,6 +201,7 @@ def main() -> int:
             t = time.perf_counter()
             embeddings = predictor.encode_images(loaded)
             steps["encode"].extend([(time.perf_counter() - t) / len(chunk)] * len(chunk))
+            encoded.update(zip(chunk, embeddings))
             for image, embedding in zip(loaded, embeddings):
                 predictor.set_embedding(*embedding)
                 upscale.take()
@@ -231,6 +238,25 @@ def main() -> int:
                 encode_png(np.asarray(choice.mask, dtype=bool))
                 steps["outputs"].append(time.perf_counter() - t)
 
+    # The grouped pass: locate + decode + refinements as `persam segment` makes them, the decoder
+    # calls of --decode-group photos made together (persam.pipeline.segment_images_at), alternating
+    # group by group with the same photos one at a time (the command's --batch-size 1). The photos
+    # are taken round so that every group is full.
+    def locate_and_decode(group):
+        t = time.perf_counter()
+        similarities = [locate(predictor, concept, embedding) for embedding in group]
+        for result in segment_images_at(predictor, concept, group, similarities):
+            result.mask  # full size, as segment_images returns it
+        return time.perf_counter() - t
+
+    grouped, alone = [], []
+    round_robin = [encoded[path] for path in photos] * args.decode_group
+    for _ in range(args.repeats):
+        for first in range(0, len(round_robin), args.decode_group):
+            group = round_robin[first:first + args.decode_group]
+            alone.append(sum(locate_and_decode([embedding]) for embedding in group) / len(group))
+            grouped.append(locate_and_decode(group) / len(group))
+
     if args.finetune:
         from persam.finetune import FinetuneSettings
         from persam.pipeline import Concept, learn_concept_weights
@@ -260,6 +286,10 @@ def main() -> int:
     print(f"  {'locate + decode (+ refinements)':<44} {medians['locate'] + medians['decode']:8.3f} s")
     total = sum(v for k, v in medians.items() if not k.startswith(" "))
     print(f"  {'sum':<44} {total:8.3f} s")
+    print(f"locate + decode per photo as persam segment makes them, alternating (median of {len(grouped)} groups):")
+    print(f"  {'one photo per decoder call (--batch-size 1)':<44} {statistics.median(alone):8.3f} s")
+    print(f"  {f'{args.decode_group} photos per decoder call (--batch-size {args.decode_group})':<44} "
+          f"{statistics.median(grouped):8.3f} s  ({sum(grouped) / sum(alone):.2f} x)")
 
     if concept.method == "persam":
         decoder_side_by_side(predictor, points, labels, attention, concept.target_embedding, args.repeats)

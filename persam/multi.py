@@ -13,8 +13,7 @@ import torch
 
 from sam.predictor import SamPredictor
 
-from .locate import similarity_grid, similarity_map
-from .pipeline import Concept, Segmentation, segment_at
+from .pipeline import Concept, Segmentation, locate, segment_at
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -57,7 +56,7 @@ def segment_objects(
         predictor.set_image(image)
     if not predictor.is_image_set:
         raise RuntimeError("no image is set: pass an image or call predictor.set_image() first")
-    similarity = similarity_map(similarity_grid(predictor.features, concept.target_vector), predictor.upscale)
+    similarity = locate(predictor, concept, predictor.current_image())
     original = similarity
     similarity = similarity.clone()  # suppressed in place below
     floor = similarity.min()

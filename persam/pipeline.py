@@ -160,7 +160,7 @@ def segment(
     """
     if image is not None:
         predictor.set_image(image)
-    similarity = similarity_map(similarity_grid(predictor.features, concept.target_vector), predictor.upscale)
+    similarity = locate(predictor, concept, predictor.current_image())
     return segment_at(predictor, concept, similarity, min_similarity, keep_similarity)
 
 

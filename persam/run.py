@@ -60,7 +60,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .io import InputError, atomic_write_bytes, atomic_write_text, encode_png
-from .pipeline import Concept, Segmentation, segment_images
+from .pipeline import Concept, Segmentation, locate, segment_images
 
 try:
     import fcntl
@@ -793,9 +793,7 @@ def _similarity(predictor, concept: Concept, segs: List[Segmentation]):
     for s in segs:
         if s.similarity is not None:
             return s.similarity
-    from .locate import similarity_grid, similarity_map
-
-    return similarity_map(similarity_grid(predictor.features, concept.target_vector), predictor.upscale)
+    return locate(predictor, concept, predictor.current_image())
 
 
 def _encode_outputs(predictor, concept, options, image, segs, found, files) -> List[Tuple[str, bytes]]:

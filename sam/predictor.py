@@ -98,7 +98,6 @@ class SamPredictor:
             )
         self._encoder_options = {"sha256": checkpoint_sha256, "cache_dir": cache_dir}
         self._encoder = None
-        self._stacked_cache: Optional[Tuple[List[torch.Tensor], torch.Tensor]] = None
         self.reset_image()
 
     @property
@@ -130,7 +129,8 @@ class SamPredictor:
 
     def reset_image(self) -> None:
         self.features: Optional[torch.Tensor] = None
-        self._decoder_features: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        # the decoder-layout features of the images decoded last (`_stacked_features`)
+        self._stacked_cache: Optional[Tuple[List[torch.Tensor], torch.Tensor]] = None
         self.original_size: Optional[Tuple[int, int]] = None
         self.input_size: Optional[Tuple[int, int]] = None
 
@@ -276,12 +276,8 @@ class SamPredictor:
             if boxes.shape[-1] != 4:
                 raise ValueError(f"boxes must be B x 4 (x0, y0, x1, y1), got {tuple(boxes.shape)}")
             boxes = scale_boxes(boxes.to(self.device).reshape(-1, 4), self.original_size, self.model.img_size)
-        if mask_input is not None:
-            mask_input = mask_input.to(self.device, torch.float32)
-        if attention_similarity is not None:
-            attention_similarity = attention_similarity.to(self.device, torch.float32)
-        if target_embedding is not None:
-            target_embedding = target_embedding.to(self.device, torch.float32)
+        mask_input, attention_similarity, target_embedding = (
+            self._float_on_device(x) for x in (mask_input, attention_similarity, target_embedding))
 
         low_res, iou_scores = self._decode(self.decoder_features(), points, boxes, mask_input, multimask_output,
                                            attention_similarity, target_embedding, best_only)
@@ -327,15 +323,17 @@ class SamPredictor:
                 raise ValueError(f"predict_each needs B x 4 boxes for B = {count} images, got {tuple(given.shape)}")
             boxes = torch.cat([scale_boxes(given[i:i + 1], image.original_size, self.model.img_size)
                                for i, image in enumerate(images)])
-        if mask_input is not None:
-            mask_input = torch.as_tensor(np.asarray(mask_input), device=self.device).to(torch.float32)
-        if attention_similarity is not None:
-            attention_similarity = torch.as_tensor(attention_similarity).to(self.device, torch.float32)
-        if target_embedding is not None:
-            target_embedding = torch.as_tensor(target_embedding).to(self.device, torch.float32)
+        mask_input, attention_similarity, target_embedding = (
+            self._float_on_device(x) for x in (mask_input, attention_similarity, target_embedding))
         low_res, iou_scores = self._decode(self._stacked_features(images), points, boxes, mask_input, multimask_output,
                                            attention_similarity, target_embedding, best_only)
         return Prediction(None, iou_scores.float().cpu().numpy(), low_res.float().cpu().numpy(), None)
+
+    def _float_on_device(self, x: Optional[ArrayLike]) -> Optional[torch.Tensor]:
+        """An optional array or tensor as float32 on the model's device (the decoder's extra inputs)."""
+        if x is None:
+            return None
+        return (x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))).to(self.device, torch.float32)
 
     def _decode(self, features, points, boxes, mask_input, multimask_output, attention_similarity, target_embedding,
                 best_only) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -355,12 +353,14 @@ class SamPredictor:
         )
 
     def _stacked_features(self, images: Sequence[ImageEmbedding]) -> torch.Tensor:
-        """The images' features as one B x 256 x 64 x 64 channels-last batch, made once for the
-        decoder calls of the same images (PerSAM makes three in a row)."""
+        """The images' features as one B x 256 x 64 x 64 channels-last batch (the decoder's layout:
+        the image tokens hw x C contiguous), made once for the decoder calls of the same images
+        (PerSAM makes three in a row), whether they come through `predict` or `predict_each`."""
         tensors = [image.features for image in images]
         cached = self._stacked_cache
         if cached is None or len(cached[0]) != len(tensors) or any(a is not b for a, b in zip(cached[0], tensors)):
-            stacked = torch.cat([t.to(self.device) for t in tensors]).contiguous(memory_format=torch.channels_last)
+            joined = tensors[0].to(self.device) if len(tensors) == 1 else torch.cat([t.to(self.device) for t in tensors])
+            stacked = joined.contiguous(memory_format=torch.channels_last)
             cached = (tensors, stacked)
             self._stacked_cache = cached
         return cached[1]
@@ -378,13 +378,11 @@ class SamPredictor:
     def decoder_features(self) -> torch.Tensor:
         """`features` in the decoder's layout, channels last (the image tokens hw x C contiguous),
         made once per image: the decoder would otherwise transpose them at every call."""
-        if self._decoder_features is None or self._decoder_features[0] is not self.features:
-            self._decoder_features = (self.features, self.features.contiguous(memory_format=torch.channels_last))
-        return self._decoder_features[1]
+        return self._stacked_features([self.current_image()])
 
     def upscale(self, low_res: torch.Tensor) -> torch.Tensor:
         """Any B x M x 256 x 256 map of the current image -> B x M x H x W (as mask logits are)."""
-        return self.model.postprocess_masks(low_res.to(self.device), self.input_size, self.original_size)
+        return self.upscale_image(self.current_image(), low_res)
 
 
 def _as_rgb_array(image: ArrayLike) -> np.ndarray:

@@ -32,7 +32,7 @@ four promises about it:
 The work on a group of ``batch_size`` images is :func:`segment_targets` (load, encode, segment
 with each decoder call made once for the group, encode the output files: nothing written) and
 :func:`write_result` (each image's files, atomically); the Ray engine (persam.engine_ray) runs
-the same :func:`segment_loaded_images` in its workers and hands the results to
+the same :func:`segment_targets` on the files' bytes in its workers and hands the results to
 :meth:`OutputFolder.add_result` on the driver.  Targets may be URIs (persam.sources.UriPath).
 
 A target that is the reference image (same file or same content) is skipped and recorded as
@@ -84,9 +84,7 @@ __all__ = [
     "load_target",
     "run_batch",
     "encode_loaded",
-    "segment_loaded",
     "segment_loaded_images",
-    "segment_target",
     "segment_targets",
     "settings_key",
     "write_result",
@@ -861,19 +859,6 @@ def encode_loaded(predictor, images: Sequence[np.ndarray]) -> Tuple[list, float]
     return embeddings, (time.perf_counter() - start) / max(1, len(images))
 
 
-def segment_loaded(predictor, concept: Concept, target: Target, image: np.ndarray, options: RunOptions,
-                   embedding=None, encode_s: Optional[float] = None) -> ImageResult:
-    """Segment one loaded target: its record and output files (nothing is written).
-
-    The image is encoded here, unless `embedding` (``predictor.encode_images``' ImageEmbedding of
-    this image, encoded in a batch taking `encode_s` seconds per image) is given."""
-    if embedding is None:
-        start = time.perf_counter()
-        predictor.set_image(image)
-        embedding, encode_s = predictor.current_image(), time.perf_counter() - start
-    return segment_loaded_images(predictor, concept, [target], [image], options, [embedding], encode_s)[0]
-
-
 def segment_loaded_images(predictor, concept: Concept, targets: Sequence[Target], images: Sequence[np.ndarray],
                           options: RunOptions, embeddings: Sequence, encode_s: float) -> List[ImageResult]:
     """Segment loaded, encoded targets together (`embeddings`: their ImageEmbeddings, encoded in
@@ -933,13 +918,6 @@ def write_result(out_dir: Path, result: ImageResult, log: Callable[[str], None])
     if record.get("status") == "error":
         log(f"persam: warning: {record.get('error')} (skipped)")
     return record
-
-
-def segment_target(predictor, concept: Concept, target: Target, options: RunOptions,
-                   data: Optional[bytes] = None) -> ImageResult:
-    """Load, encode and segment one target: its record (status ok, or error when it cannot be
-    loaded) and output files.  Nothing is written (see :meth:`OutputFolder.add_result`)."""
-    return segment_targets(predictor, concept, [target], options, [data])[0]
 
 
 def segment_targets(predictor, concept: Concept, targets: Sequence[Target], options: RunOptions,

@@ -103,11 +103,12 @@ def peak_mib(device: torch.device) -> Optional[float]:
     return torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
 
 
-def measure_model(model_type: str, args, device: torch.device, photos: List[np.ndarray], bench_precision) -> List[dict]:
-    """The rows of one model: Meta's fp32 (ViT only), then ours in each precision and batch size."""
+def measure_model(model_type: str, ours, official, args, device: torch.device, photos: List[np.ndarray],
+                  bench_precision) -> List[dict]:
+    """The rows of one model: Meta's fp32 (ViT only; its weights then leave the GPU, so that our
+    rows' peak memory is ours alone), then ours in each precision and batch size."""
     from sam.predictor import SamPredictor
 
-    ours, official = build(model_type, args, device, bench_precision)
     largest = max(args.batch_sizes)
     if photos:
         inputs = [bench_precision.encoder_input(ours, photos[i % len(photos)], device) for i in range(largest)]
@@ -136,7 +137,6 @@ def measure_model(model_type: str, args, device: torch.device, photos: List[np.n
                 seconds = per_call_seconds(lambda: official.image_encoder(x), device, args.repeats)
             add("meta", "fp32", batch, seconds, None)
         official.to("cpu")
-        del official
     for precision in args.precisions:
         predictor = SamPredictor(ours, precision=precision, backend="torch")
         for batch in args.batch_sizes:
@@ -150,7 +150,6 @@ def measure_model(model_type: str, args, device: torch.device, photos: List[np.n
                 from_photos = per_call_seconds(lambda: predictor.encode_images(chunk, batch_size=batch), device,
                                                args.repeats)
             add("ours", precision, batch, seconds, from_photos)
-    ours.to("cpu")
     return rows
 
 
@@ -198,18 +197,16 @@ def chart_rows(rows: List[dict]) -> List[dict]:
     return out
 
 
-def mask_agreement(model_type: str, args, device: torch.device, photo_paths: List[Path], bench_precision) -> List[dict]:
+def mask_agreement(model_type: str, ours, args, photo_paths: List[Path], bench_precision) -> List[dict]:
+    """Our predictor's masks in each reduced precision against fp32 (bench_precision.mask_effect)."""
     reduced = [p for p in args.precisions if p != "fp32"]
     if not reduced or not photo_paths or args.mask_images < 1:
         return []
-    ours, official = build(model_type, args, device, bench_precision)
-    del official
     rows, _ = bench_precision.mask_effect(ours, photo_paths[:args.mask_images], reduced)
     for precision in reduced:
         mine = [r for r in rows if r["mode"] == precision]
         print(f"  {model_type} {precision}: lowest mask IoU against fp32 {min(r['iou_vs_fp32'] for r in mine):.4f} "
               f"over {len(mine)} masks; embedding relative error {max(r['embedding_rel_err'] for r in mine):.2e}")
-    ours.to("cpu")
     return [{"model": model_type, **r} for r in rows]
 
 
@@ -269,13 +266,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"bench_gpu: {machine}; models {', '.join(args.models)} at {args.img_size} px, random weights "
           f"(seed {args.seed}); input: {source}", flush=True)
     rows: List[dict] = []
-    for model_type in args.models:
-        rows.extend(measure_model(model_type, args, device, photos, bench_precision))
+    masks: List[dict] = []
+    for model_type in args.models:  # each model built once, for its rows and its masks
+        ours, official = build(model_type, args, device, bench_precision)
+        rows.extend(measure_model(model_type, ours, official, args, device, photos, bench_precision))
+        del official
+        masks.extend(mask_agreement(model_type, ours, args, photo_paths, bench_precision))
+        ours.to("cpu")
+        del ours
     rows = with_ratios(rows)
     print_table(rows)
-    masks: List[dict] = []
-    for model_type in args.models:
-        masks.extend(mask_agreement(model_type, args, device, photo_paths, bench_precision))
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

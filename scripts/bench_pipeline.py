@@ -158,7 +158,7 @@ def main() -> int:
 
     from persam.guide import attention_similarity, guided_prediction
     from persam.io import encode_png, load_image, load_mask
-    from persam.locate import select_points, similarity_grid, similarity_map
+    from persam.locate import select_points
     from persam.pipeline import learn_concept, locate, segment_images_at
     from persam.refine import best_upscaled, mixed_mask, refine_with_box, refine_with_mask
     from persam.visualize import overlay
@@ -206,7 +206,7 @@ def main() -> int:
                 predictor.set_embedding(*embedding)
                 upscale.take()
                 t = time.perf_counter()
-                similarity = similarity_map(similarity_grid(predictor.features, concept.target_vector), predictor.upscale)
+                similarity = locate(predictor, concept, embedding)
                 if concept.method == "persam":
                     points, labels = select_points(similarity, 1, 1)
                     attention = attention_similarity(similarity, predictor.input_size, predictor.features.shape[-1],

@@ -59,7 +59,8 @@ def add_options(q) -> None:
     g.add_argument("--batch-size", type=positive_int, default=4, metavar="B",
                    help="images segmented together: each decoder call of the method is made once for B images, "
                         "quicker per image (on a CPU 2-4 is quickest, beyond that the images' working memory leaves "
-                        "the cache); on a GPU they are also encoded together; with --engine ray, images per worker "
+                        "the cache; there the B images are also split over torch's threads, decoded side by "
+                        "side); on a GPU they are also encoded together; with --engine ray, images per worker "
                         "call (default 4)")
 
 

@@ -10,6 +10,9 @@ from torch import nn
 from .common import LayerNorm2d, linear
 from .transformer import TwoWayTransformer
 
+# Image tokens upscaled together in MaskDecoder.mask_logits on a CPU (see there).
+UPSCALE_ROWS = 1024
+
 
 class MaskDecoder(nn.Module):
     """(image embedding, prompt embeddings) -> mask logits B x M x 4h x 4w and IoU scores B x M."""
@@ -146,18 +149,29 @@ class MaskDecoder(nn.Module):
         second_bias = second.bias.repeat(4)
         exact_gelu = isinstance(act2, nn.GELU) and act2.approximate == "none"
 
-        def one_image(b: int) -> torch.Tensor:
-            # an image at a time: its upscaled features (16 MB for SAM) stay in the cache
-            x = linear(src[b], first_weight, first_bias)  # hw x 4 mid
-            x = act1(F.layer_norm(x.reshape(-1, mid), (mid,), norm.weight, norm.bias, norm.eps))  # (hw 4) x mid
-            x = linear(x, second_weight, second_bias, gelu=exact_gelu)  # (hw 4) x 4 out
+        count = hyper_in.shape[1]
+
+        def block(b: int, rows: slice) -> torch.Tensor:
+            """Image b's tokens `rows` -> their M x (rows 4 4) logits."""
+            x = linear(src[b, rows], first_weight, first_bias)  # rows x 4 mid
+            x = act1(F.layer_norm(x.reshape(-1, mid), (mid,), norm.weight, norm.bias, norm.eps))  # (rows 4) x mid
+            x = linear(x, second_weight, second_bias, gelu=exact_gelu)  # (rows 4) x 4 out
             if not exact_gelu:
                 x = act2(x)
-            x = x.reshape(-1, out)  # (hw 4 4) x C/8
+            x = x.reshape(-1, out)  # (rows 4 4) x C/8
             # one single-row product per mask (a batch of M against the same x), so that a mask's
             # logits do not depend on which other masks are made with it (`best_only` makes one)
-            count = hyper_in.shape[1]
-            return torch.bmm(hyper_in[b, :, None], x.t()[None].expand(count, -1, -1))[:, 0]  # M x (hw 4 4)
+            return torch.bmm(hyper_in[b, :, None], x.t()[None].expand(count, -1, -1))[:, 0]  # M x (rows 4 4)
+
+        def one_image(b: int) -> torch.Tensor:
+            # UPSCALE_ROWS tokens at a time on a CPU: their upscaled features (1 MB, then 2 MB for SAM)
+            # stay in the cache between the steps. Every step works on each token (row) alone, so the values are those
+            # of the whole image at once, bit for bit (tests/test_fast_decode.py).
+            # (blocks of one size only: a kernel may take another path for a short last block)
+            step = UPSCALE_ROWS if src.device.type == "cpu" else tokens
+            if step >= tokens or tokens % step:
+                return block(b, slice(None))
+            return torch.cat([block(b, slice(start, start + step)) for start in range(0, tokens, step)], dim=1)
 
         masks = torch.stack([one_image(b) for b in range(batch)])  # B x M x (hw 4 4)
         # token (i, j), first offset (a, b), second offset (c, d) -> pixel (4i + 2a + c, 4j + 2b + d)

@@ -1,5 +1,6 @@
 """Encode an image once, then decode masks from as many prompts as asked."""
 
+import copy
 import os
 import warnings
 from contextlib import nullcontext
@@ -126,6 +127,13 @@ class SamPredictor:
         """Image embeddings B x 256 x 64 x 64 (fp32, on the model's device) of normalised, padded
         B x 3 x S x S inputs (`Sam.preprocess`), in one call of the backend's encoder."""
         return self.prepare()(model_input).to(self.device, torch.float32)
+
+    def sibling(self) -> "SamPredictor":
+        """A predictor over the same model and encoder with its own current image and caches: one
+        per thread when threads decode side by side (a current image is not shared between threads)."""
+        twin = copy.copy(self)
+        twin.reset_image()
+        return twin
 
     def reset_image(self) -> None:
         self.features: Optional[torch.Tensor] = None

@@ -18,9 +18,11 @@ the steps of `persam segment`, each timed:
 
 and reports the median per photo, with locate + decode (the issue's "locate + decode +
 refinements") and the sum. Then locate + decode again as `persam segment` makes them
-(persam.pipeline.segment_images_at), the decoder calls of --decode-group photos made together
-(the command's --batch-size) alternating with the same photos one at a time, per photo and
-their ratio. One-time costs are printed apart: model loading, the backend's
+(persam.pipeline.segment_images), alternating group by group: the same --decode-group photos
+one at a time (--batch-size 1), their decoder calls made together in one thread, and made
+together split over the torch threads as the command does (`workers`,
+persam.pipeline.decode_workers; on a CPU of 2 threads, 2 halves side by side), per photo and
+their ratios. One-time costs are printed apart: model loading, the backend's
 build or cache load, learning the concept (and PerSAM-F's fine-tuning with --finetune).
 Then, unless --no-cli, `persam segment` itself runs twice in this process on copies of the
 photos (once on one photo, once on all) and the difference of the two wall times per extra
@@ -159,7 +161,7 @@ def main() -> int:
     from persam.guide import attention_similarity, guided_prediction
     from persam.io import encode_png, load_image, load_mask
     from persam.locate import select_points
-    from persam.pipeline import learn_concept, locate, segment_images_at
+    from persam.pipeline import decode_workers, learn_concept, locate, segment_images
     from persam.refine import best_upscaled, mixed_mask, refine_with_box, refine_with_mask
     from persam.visualize import overlay
 
@@ -238,24 +240,26 @@ def main() -> int:
                 encode_png(np.asarray(choice.mask, dtype=bool))
                 steps["outputs"].append(time.perf_counter() - t)
 
-    # The grouped pass: locate + decode + refinements as `persam segment` makes them, the decoder
-    # calls of --decode-group photos made together (persam.pipeline.segment_images_at), alternating
-    # group by group with the same photos one at a time (the command's --batch-size 1). The photos
-    # are taken round so that every group is full.
-    def locate_and_decode(group):
+    # The grouped pass: locate + decode + refinements as `persam segment` makes them
+    # (persam.pipeline.segment_images), alternating group by group: one photo at a time (the
+    # command's --batch-size 1), the group in one thread, the group split over `workers` threads
+    # (the command's --batch-size B on a CPU). The photos are taken round so that every group is full.
+    def locate_and_decode(group, workers=1):
         t = time.perf_counter()
-        similarities = [locate(predictor, concept, embedding) for embedding in group]
-        for result in segment_images_at(predictor, concept, group, similarities):
+        for result in segment_images(predictor, concept, group, workers=workers):
             result.mask  # full size, as segment_images returns it
         return time.perf_counter() - t
 
-    grouped, alone = [], []
+    workers = decode_workers(predictor, args.decode_group)
+    grouped, alone, threaded = [], [], []
     round_robin = [encoded[path] for path in photos] * args.decode_group
     for _ in range(args.repeats):
         for first in range(0, len(round_robin), args.decode_group):
             group = round_robin[first:first + args.decode_group]
             alone.append(sum(locate_and_decode([embedding]) for embedding in group) / len(group))
             grouped.append(locate_and_decode(group) / len(group))
+            if workers > 1:
+                threaded.append(locate_and_decode(group, workers) / len(group))
 
     if args.finetune:
         from persam.finetune import FinetuneSettings
@@ -286,11 +290,14 @@ def main() -> int:
     print(f"  {'locate + decode (+ refinements)':<44} {medians['locate'] + medians['decode']:8.3f} s")
     total = sum(v for k, v in medians.items() if not k.startswith(" "))
     print(f"  {'sum':<44} {total:8.3f} s")
-    print(f"locate + decode per photo as persam segment makes them, alternating (median of {len(grouped)} groups):")
-    print(f"  {'one photo per decoder call (--batch-size 1)':<44} {statistics.median(alone):8.3f} s")
-    print(f"  {f'{args.decode_group} photos per decoder call (--batch-size {args.decode_group})':<44} "
+    print(f"locate + decode per photo, alternating (median of {len(grouped)} groups):")
+    print(f"  {'one photo per decoder call (--batch-size 1)':<52} {statistics.median(alone):8.3f} s")
+    print(f"  {f'{args.decode_group} photos per decoder call, one worker of {torch.get_num_threads()} threads':<52} "
           f"{statistics.median(grouped):8.3f} s  ({sum(grouped) / sum(alone):.2f} x)")
-
+    if threaded:
+        label = f"{args.decode_group} photos, {workers} workers (persam segment --batch-size {args.decode_group})"
+        print(f"  {label:<52} {statistics.median(threaded):8.3f} s  ({sum(threaded) / sum(alone):.2f} x; "
+              f"{sum(threaded) / sum(grouped):.2f} x one worker)")
     if concept.method == "persam":
         decoder_side_by_side(predictor, points, labels, attention, concept.target_embedding, args.repeats)
     if args.profile:

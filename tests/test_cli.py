@@ -397,6 +397,31 @@ def test_overlay_and_heatmap():
     assert heatmap(np.zeros((4, 4))).shape == (4, 4, 3)
 
 
+def test_overlay_blend_gives_the_bytes_of_the_float_formula():
+    """overlay's blend (before outlines and prompts are drawn) equals blending each pixel in
+    float32, mask after mask, rounded half up: one mask, disjoint masks, overlapping masks
+    (blended in order), any alpha."""
+    from persam.visualize import _blend, mask_colors
+
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    image[0, :4] = [[0, 0, 0], [255, 255, 255], [1, 254, 128], [127, 128, 129]]
+    masks = [rng.random((37, 53)) < p for p in (0.5, 0.3, 0.2)]
+    disjoint = [masks[0], ~masks[0] & masks[1]]
+
+    def reference(masks, alpha):
+        out = image.astype(np.float32)
+        for m, color in zip(masks, mask_colors(len(masks))):
+            out[m] = out[m] * (1 - alpha) + color.astype(np.float32) * alpha
+        return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+    for case in ([masks[0]], disjoint, masks, [np.zeros((37, 53), bool)], [np.ones((37, 53), bool)] * 2):
+        for alpha in (0.5, 0.3, 0.77, 1.0):
+            blended = _blend(image, case, mask_colors(len(case)), alpha)
+            assert np.array_equal(blended, reference(case, alpha)), (len(case), alpha)
+    assert (np.logical_and(masks[0], masks[1])).any()  # the overlapping case has shared pixels
+
+
 def test_python_m_persam_help():
     result = subprocess.run([sys.executable, "-m", "persam", "--help"], capture_output=True, text=True,
                             timeout=60, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -64,7 +64,7 @@ def stand_ins(monkeypatch):
                                 points=np.array([[1.0, 1.0]], np.float32), labels=np.array([1]))
         return found_segmentation(disc(h, w, w / 3, h / 2, h / 3), 0.875)
 
-    def segment_images(predictor, concept, images, min_similarity=None, keep_similarity=False):
+    def segment_images(predictor, concept, images, min_similarity=None, keep_similarity=False, workers=1):
         return [segment_one(*image.original_size) for image in images]
 
     def segment_objects(predictor, concept, image=None, max_objects=5, min_similarity=None, **kw):

@@ -257,6 +257,24 @@ def test_mask_logits_in_token_layout_equal_the_transposed_convolutions(predictor
     torch.testing.assert_close(fast, conv, rtol=0, atol=1e-4 * float(conv.abs().max()))
 
 
+@pytest.mark.parametrize("rows", [1024, 2048, 1000])
+def test_mask_logits_in_blocks_of_tokens_equal_the_whole_image_bit_for_bit(predictor, monkeypatch, rows):
+    """SAM's 64 x 64 image tokens upscaled UPSCALE_ROWS at a time (1000 does not divide 4096: whole)."""
+    import sam.mask_decoder as mask_decoder
+
+    decoder = predictor.model.mask_decoder
+    generator = torch.Generator().manual_seed(3)
+    src = torch.randn(2, 64 * 64, 256, generator=generator)
+    hyper_in = torch.randn(2, 3, 32, generator=generator)
+    with torch.inference_mode():
+        monkeypatch.setattr(mask_decoder, "UPSCALE_ROWS", 1 << 30)
+        whole = decoder.mask_logits(src, hyper_in, 64, 64)
+        monkeypatch.setattr(mask_decoder, "UPSCALE_ROWS", rows)
+        blocks = decoder.mask_logits(src, hyper_in, 64, 64)
+    assert blocks.shape == (2, 3, 256, 256)
+    assert torch.equal(blocks, whole)
+
+
 def test_fused_linear_equals_linear_and_gelu():
     from sam.common import linear
 

@@ -6,6 +6,9 @@
 - `persam.pipeline.segment_images` gives each image the segmentation it gets alone (masks,
   points, boxes equal; logits and scores to float rounding), for PerSAM and PerSAM-F, with
   images below `min_similarity` and images whose refinement has no box in the same batch.
+- `segment_images(..., workers=W)` splits the images over W threads (torch's threads shared out)
+  and gives the segmentations of one worker, in order, torch's thread count restored after, an
+  error in a worker raised to the caller; `decode_workers` takes one per thread on a CPU.
 - `persam segment --batch-size B` writes the masks of `--batch-size 1`, and the local engine
   takes the option.
 - `sam.common.matmul` (the decoder's attention products) equals torch.matmul, whatever the
@@ -20,7 +23,7 @@ import torch
 
 from cli_testing import model_args, ref_args, run_cli, write_cat_photos
 from persam.io import load_image, load_mask
-from persam.pipeline import learn_concept, locate, segment, segment_images
+from persam.pipeline import _worker_groups, decode_workers, learn_concept, locate, segment, segment_images
 from sam.common import matmul
 from sam.predictor import SamPredictor
 from sam_testing import random_sam
@@ -129,6 +132,65 @@ def test_segment_images_gives_each_image_its_own_segmentation(predictor, photos,
     # the images below the threshold are left out of the decoder calls, the rest still decoded together
     assert sum(s.points.size == 0 for s in segment_images(predictor, concept, embeddings, min_similarity=peaks[-1] + 1)) \
         == len(embeddings)
+
+
+@pytest.mark.parametrize("method", ["persam", "persam_f"])
+def test_segment_images_in_worker_threads_gives_the_segmentations_of_one_worker(predictor, photos, reference, method):
+    concept = learn_concept(predictor, [reference], method=method)
+    embeddings = predictor.encode_images(photos[:7])
+    predictor.set_embedding(*embeddings[0])
+    current = predictor.features
+    threads = torch.get_num_threads()
+    one = segment_images(predictor, concept, embeddings, keep_similarity=True)
+    for workers in (2, 3, 9):
+        split = segment_images(predictor, concept, embeddings, keep_similarity=True, workers=workers)
+        assert torch.get_num_threads() == threads
+        assert predictor.features is current  # the workers decode with predictors of their own
+        assert len(split) == len(one)
+        for a, b in zip(split, one):  # in order, each image's own
+            np.testing.assert_array_equal(a.mask, b.mask)
+            np.testing.assert_array_equal(a.points, b.points)
+            assert a.found == b.found and a.peak_similarity == b.peak_similarity
+            assert (a.box is None) == (b.box is None)
+            if a.box is not None:
+                np.testing.assert_array_equal(a.box, b.box)
+            assert a.iou_score == pytest.approx(b.iou_score, abs=1e-5)
+            np.testing.assert_allclose(a.low_res_logits, b.low_res_logits, rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(a.similarity, b.similarity, rtol=0, atol=0)
+    assert sum(s.found for s in one) > 0
+
+
+def test_worker_threads_raise_errors_and_restore_torch_threads(predictor, photos, reference, monkeypatch):
+    import persam.pipeline as pipeline
+
+    concept = learn_concept(predictor, [reference])
+    embeddings = predictor.encode_images(photos[:4])
+    threads = torch.get_num_threads()
+    seen = []
+    real = pipeline.segment_images_at
+
+    def failing(pred, concept, images, *args, **kwargs):
+        seen.append((pred, torch.get_num_threads()))
+        if len(seen) == 2:
+            raise RuntimeError("worker failed")
+        return real(pred, concept, images, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "segment_images_at", failing)
+    with pytest.raises(RuntimeError, match="worker failed"):
+        segment_images(predictor, concept, embeddings, workers=2)
+    assert torch.get_num_threads() == threads
+    assert len(seen) == 2 and all(pred is not predictor for pred, _ in seen)
+    assert all(count == max(1, threads // 2) for _, count in seen)  # torch's threads shared out
+
+
+def test_worker_groups_and_decode_workers(predictor):
+    assert _worker_groups(7, 3) == [range(0, 3), range(3, 5), range(5, 7)]
+    assert _worker_groups(2, 5) == [range(0, 1), range(1, 2)]
+    assert _worker_groups(5, 1) == [range(0, 5)] and _worker_groups(0, 2) == [range(0, 0)]
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        _worker_groups(3, 0)
+    assert decode_workers(predictor, 4) == min(4, torch.get_num_threads())
+    assert decode_workers(predictor, 1) == 1
 
 
 def test_segment_images_handles_an_image_whose_refinement_has_no_box(predictor, photos, reference, monkeypatch):

@@ -209,9 +209,10 @@ def segment_images(
     workers > 1, on a CPU: the images are split into up to `workers` groups (in order) made side
     by side in threads, torch's threads shared out among them. Each thread then runs its small
     operations without waiting for the others, and one thread's Python runs while the other's
-    products do: on 2 cores, 2 workers of 1 thread make a group of 4 photos 0.85-0.9x the time
-    of 1 worker of 2 threads (scripts/bench_pipeline.py). The masks are the same; logits may
-    differ by float rounding (products split over fewer threads add in another order).
+    products do: on 2 cores, 2 workers of 1 thread took a group of 4 photos 0.86-0.99x the time
+    of 1 worker of 2 threads in the runs of scripts/bench_pipeline.py, once 1.05x in a noisy run
+    (README, Speed). The masks are the same; logits may differ by float rounding (products split
+    over fewer threads add in another order).
     `decode_workers` gives the number worth taking. On a GPU it is ignored.
     """
     groups = _worker_groups(len(images), workers if predictor.device.type == "cpu" else 1)

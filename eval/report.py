@@ -1,4 +1,5 @@
-"""Shared parts of the evaluation runners: the model, tables, CSV / JSON and bar charts."""
+"""Shared parts of the evaluation runners: the model and the predictions' settings, tables, CSV / JSON and
+bar charts."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import io
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -14,20 +16,83 @@ import cv2
 import numpy as np
 
 from persam.io import InputError, atomic_write_bytes, atomic_write_text
+from persam.models import DEFAULT_MODEL
 
-DEFAULT_MODEL = "vit_h"
+from .outputs import SCORE_FILES, EvalFolder
+
+__all__ = ["DEFAULT_MODEL", "PredictionModel", "bar_chart", "check_prediction_size", "checkpoint_sha256",
+           "format_table", "predictions_to_score", "prediction_settings", "split_names", "timing_summary", "write_csv",
+           "write_json"]
 
 
-def load_predictor(model_type: str, checkpoint: Optional[str], device: str = "cpu", precision: str = "fp32",
-                   backend: str = "auto"):
-    """A SamPredictor for `model_type` with `checkpoint` (default: the cached download; never downloads)."""
-    from persam.models import build_predictor, resolve_checkpoint
-    from sam.download import MODELS
+@dataclass
+class PredictionModel:
+    """The model that makes a run's predictions: resolved before the output folder is touched,
+    built only when something is left to predict (:meth:`predictor`)."""
 
-    if model_type not in MODELS:
-        raise InputError(f"unknown model {model_type!r}: one of {', '.join(sorted(MODELS))}")
-    path = resolve_checkpoint(model_type, checkpoint)
-    return build_predictor(model_type, path, device, precision, backend), path
+    model_type: str
+    checkpoint: Path
+    device: str = "cpu"
+    precision: str = "fp32"
+    backend: str = "auto"
+    built: object = None  # the SamPredictor, once built (or given)
+
+    @classmethod
+    def resolve(cls, model_type: str, checkpoint: Optional[str], device: str = "cpu", precision: str = "fp32",
+                backend: str = "auto", predictor=None) -> "PredictionModel":
+        """`checkpoint` (default: the cached download of `model_type`; never downloads), checked to
+        exist; InputError otherwise.  A `predictor` given is used as is, and `checkpoint` must name
+        its weights (they are part of the predictions' settings)."""
+        from persam.models import resolve_checkpoint
+        from sam.download import MODELS
+
+        if model_type not in MODELS:
+            raise InputError(f"unknown model {model_type!r}: one of {', '.join(sorted(MODELS))}")
+        if predictor is not None and not checkpoint:
+            raise ValueError("a predictor given needs its checkpoint file too (part of the predictions' settings)")
+        return cls(model_type, resolve_checkpoint(model_type, checkpoint), device, precision, backend, predictor)
+
+    def made_with(self) -> Dict[str, object]:
+        """What of the model makes the masks, as `persam segment` records it: the model type, the
+        checkpoint's sha256 and the encoder precision (not the device or the encoder backend)."""
+        return {"model_type": self.model_type, "checkpoint_sha256": checkpoint_sha256(self.checkpoint),
+                "precision": self.precision}
+
+    def predictor(self):
+        if self.built is None:
+            from persam.models import build_predictor
+
+            self.built = build_predictor(self.model_type, self.checkpoint, self.device, self.precision, self.backend)
+        return self.built
+
+
+def checkpoint_sha256(path: Path) -> str:
+    """sha256 of a checkpoint file, or of the weights file in a HuggingFace checkpoint folder."""
+    from persam.run import file_sha256
+    from sam.checkpoint import HF_WEIGHT_FILES
+
+    path = Path(path)
+    if path.is_dir():
+        found = [path / name for name in HF_WEIGHT_FILES if (path / name).is_file()]
+        if not found:
+            raise InputError(f"checkpoint {path} is a folder without {' or '.join(HF_WEIGHT_FILES)}")
+        path = found[0]
+    try:
+        return file_sha256(path)
+    except OSError as exc:
+        raise InputError(f"cannot read checkpoint {path} ({exc.strerror or exc})") from None
+
+
+def prediction_settings(benchmark: str, data: Path, method: str, model: PredictionModel,
+                        **options: object) -> Dict[str, object]:
+    """Everything that makes a benchmark run's predictions (their settings key, eval.json's
+    ``made_with``): the benchmark and its data folder, the method and its settings, the model,
+    and the benchmark's own `options`."""
+    from persam.finetune import FinetuneSettings
+
+    return {"benchmark": benchmark, "data": str(Path(data).resolve()), "method": method,
+            "finetune": vars(FinetuneSettings()) if method == "persam_f" else None,
+            **model.made_with(), **options}
 
 
 def check_prediction_size(pred: np.ndarray, pred_path: Path, gt_shape: Tuple[int, int], gt_path: Path) -> None:
@@ -41,42 +106,45 @@ def check_prediction_size(pred: np.ndarray, pred_path: Path, gt_shape: Tuple[int
 
 def predictions_to_score(
     pred: Optional[str],
-    out_dir: Path,
-    predict: Callable[[object, Path], Dict[str, object]],
-    method: str,
-    model_type: str,
-    checkpoint: Optional[str],
-    device: str,
-    precision: str,
-    predictor=None,
+    folder: EvalFolder,
+    predictions: Sequence[str],
+    predict: Callable[[object, Callable[[Path], bool]], Dict[str, object]],
+    model: Optional[PredictionModel],
+    method: Optional[str] = None,
     extra: Optional[Mapping[str, object]] = None,
-    backend: str = "auto",
 ) -> Tuple[Path, Dict[str, object]]:
     """The predictions a runner scores, and the fields of scores.json that describe them.
 
-    With `pred`: that existing folder, nothing is run (method, model and timing are None).
-    Otherwise the model is loaded (unless `predictor` is given) and `predict(predictor, out_dir / "pred")`
-    writes the predictions there and returns its timing, to which the wall time `total_s` is added;
-    `extra` fields go in before the timing.
+    With `pred`: that existing folder, nothing is run (method, model, key and timing are None).
+    Otherwise the predictions of the run (`predictions`, relative to the folder) are planned in
+    `folder` (those made earlier with the same settings are kept; conflicts raise InputError),
+    the model is built when any is left to make, they and the score files are listed in
+    eval.json, and ``predict(predictor, done)`` writes the missing ones into ``folder.pred_dir``
+    (``done(path)``: kept from an earlier run) and returns its timing, to which the wall time
+    ``total_s`` is added; `extra` fields go in before the timing.
     """
     if pred is not None:
         pred_dir = Path(pred)
         if not pred_dir.is_dir():
             raise InputError(f"--pred {pred_dir}: folder not found")
-        return pred_dir, {"pred": str(pred_dir), "method": None, "model": None, "timing": None}
-    pred_dir = Path(out_dir) / "pred"
-    checkpoint_path = checkpoint
-    if predictor is None:
-        predictor, checkpoint_path = load_predictor(model_type, checkpoint, device, precision, backend)
+        folder.refuse_foreign(SCORE_FILES)
+        return pred_dir, {"pred": str(pred_dir), "method": None, "model": None, "key": None, "made_with": None,
+                          "timing": None}
+    if model is None:
+        raise ValueError("predictions_to_score needs `pred` or `model`")
+    todo = folder.plan(predictions)
+    predictor = model.predictor() if todo else None  # a checkpoint that does not load: nothing written yet
+    folder.claim([*todo, *SCORE_FILES])
     start = time.perf_counter()
-    timing = predict(predictor, pred_dir)
+    timing = predict(predictor, folder.is_done)
     timing["total_s"] = time.perf_counter() - start
-    fields: Dict[str, object] = {"pred": str(pred_dir), "method": method, "model": model_type,
-                                 "checkpoint": None if checkpoint_path is None else str(checkpoint_path),
-                                 "device": device, "precision": precision}
+    fields: Dict[str, object] = {"pred": str(folder.pred_dir), "method": method, "model": model.model_type,
+                                 "checkpoint": str(model.checkpoint), "device": model.device,
+                                 "precision": model.precision, "backend": model.backend,
+                                 "key": folder.key, "made_with": folder.made_with}
     fields.update(extra or {})
     fields["timing"] = timing
-    return pred_dir, fields
+    return folder.pred_dir, fields
 
 
 def clean_json(value):

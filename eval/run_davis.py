@@ -4,10 +4,14 @@
     OUT/scores.csv, scores.json   J, F (mean / recall / decay) and J&F per object, per
                                   sequence and overall; timings
     OUT/scores.png                bar chart per sequence
+    OUT/eval.json                 the files persam wrote here, the settings of the results
 
-A sequence whose result frames all exist is skipped (resume). With ``pred_dir`` nothing
-is run: the results there (``<seq>/<frame>.png``) are scored. First and last frames are
-excluded from the scores, as in the official evaluation.
+The output folder keeps persam's promises (eval.outputs): a sequence whose result frames were
+all made earlier with the same settings is skipped (resume), results made with other settings
+(another method, model, checkpoint, precision, resolution, --max-frames or previous-box
+prompting) are refused unless ``overwrite``, no file persam did not write is replaced. With
+``pred`` nothing is run: the results there (``<seq>/<frame>.png``) are scored. First and last
+frames are excluded from the scores, as in the official evaluation.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, TextIO
+from typing import Callable, Dict, List, Optional, Sequence, TextIO
 
 import numpy as np
 from tqdm import tqdm
@@ -24,8 +28,9 @@ from persam.io import InputError, atomic_save_png, load_image, load_label_map
 
 from .datasets import DavisDataset
 from .metrics import davis_sequence_scores, davis_summary
-from .report import (bar_chart, check_prediction_size, format_table, predictions_to_score, timing_summary, write_csv,
-                     write_json)
+from .outputs import PRED_FOLDER, SCORE_FILES, EvalFolder
+from .report import (DEFAULT_MODEL, PredictionModel, bar_chart, check_prediction_size, format_table,
+                     prediction_settings, predictions_to_score, timing_summary, write_csv, write_json)
 
 __all__ = ["run_davis", "predict_davis", "score_davis"]
 
@@ -37,14 +42,16 @@ def _frames(dataset: DavisDataset, seq: str, max_frames: Optional[int]):
 
 def predict_davis(predictor, dataset: DavisDataset, sequences: Sequence[str], pred_dir: Path, method: str,
                   max_frames: Optional[int] = None, use_previous_box: bool = True,
-                  progress: bool = True) -> Dict[str, object]:
-    """Write the results of the sequences not done yet; returns timings (seconds)."""
+                  progress: bool = True, done: Optional[Callable[[Path], bool]] = None) -> Dict[str, object]:
+    """Write the results of the sequences whose frames are not all `done` (default: their files
+    exist); returns timings (seconds)."""
     from persam.video import masks_from_label_map, segment_video
 
+    done = done or Path.is_file
     first_times, frame_times, skipped = [], [], []
     for seq in tqdm(sequences, desc="DAVIS", unit="seq", disable=not progress):
         frames = _frames(dataset, seq, max_frames)
-        if all((pred_dir / seq / f"{name}.png").is_file() for name, _, _ in frames):
+        if all(done(pred_dir / seq / f"{name}.png") for name, _, _ in frames):
             skipped.append(seq)
             continue
         first = dataset.label_map(seq, frames[0][0])
@@ -105,7 +112,7 @@ def run_davis(
     data: str,
     out: str,
     method: str = "persam",
-    model_type: str = "vit_h",
+    model_type: str = DEFAULT_MODEL,
     checkpoint: Optional[str] = None,
     sequences: Optional[Sequence[str]] = None,
     max_frames: Optional[int] = None,
@@ -120,8 +127,13 @@ def run_davis(
     stream: Optional[TextIO] = None,
     predictor=None,
     backend: str = "auto",
+    overwrite: bool = False,
 ) -> Dict[str, object]:
-    """The whole DAVIS evaluation (see the module doc); returns what scores.json holds."""
+    """The whole DAVIS evaluation (see the module doc); returns what scores.json holds.
+
+    Everything is checked before `out` is touched; InputError (one line) on bad input and on a
+    conflict with what `out` holds (results made with other settings without `overwrite`, a
+    file persam did not write)."""
     stream = sys.stdout if stream is None else stream
     dataset = DavisDataset(data, year=year, split=split, resolution=resolution)
     if sequences is None:
@@ -134,17 +146,31 @@ def run_davis(
     if max_frames is not None and max_frames < 1:
         raise InputError(f"--max-frames must be at least 1, got {max_frames}")
     out_dir = Path(out)
+    model, made_with = None, None
+    if pred is None:
+        model = PredictionModel.resolve(model_type, checkpoint, device, precision, backend, predictor)
+        made_with = prediction_settings("davis", Path(data), method, model, resolution=resolution,
+                                        max_frames=max_frames, use_previous_box=use_previous_box)
     record: Dict[str, object] = {"dataset": f"davis{year}", "data": str(data), "split": split,
                                  "sequences_evaluated": selected, "max_frames": max_frames}
-    pred_dir, fields = predictions_to_score(
-        pred, out_dir,
-        lambda p, d: predict_davis(p, dataset, selected, d, method, max_frames, use_previous_box, progress),
-        method, model_type, checkpoint, device, precision, predictor, extra={"use_previous_box": use_previous_box},
-        backend=backend)
-    record.update(fields)
-    scores = score_davis(dataset, selected, pred_dir, max_frames)
-    record.update(scores)
+    with EvalFolder(out_dir, made_with, overwrite) as folder:
+        predictions = [f"{PRED_FOLDER}/{seq}/{name}.png" for seq in selected
+                       for name, _, _ in _frames(dataset, seq, max_frames)]
+        pred_dir, fields = predictions_to_score(
+            pred, folder, predictions,
+            lambda p, done: predict_davis(p, dataset, selected, folder.pred_dir, method, max_frames, use_previous_box,
+                                          progress, done),
+            model, method, extra={"use_previous_box": use_previous_box})
+        record.update(fields)
+        scores = score_davis(dataset, selected, pred_dir, max_frames)
+        record.update(scores)
+        _report(record, scores, out_dir, folder, stream)
+    return record
 
+
+def _report(record: Dict[str, object], scores: Dict[str, object], out_dir: Path, folder: EvalFolder,
+            stream: TextIO) -> None:
+    """The tables on `stream`; scores.csv, scores.json and scores.png in `out_dir`."""
     metric_cols = ["J&F", "J mean", "J recall", "J decay", "F mean", "F recall", "F decay"]
 
     def stats_row(r) -> List[float]:
@@ -162,7 +188,7 @@ def run_davis(
     if timing and timing["per_frame"]["mean_s"] is not None:
         print(f"time per frame: {timing['per_frame']['mean_s']:.3f} s ({timing['per_frame']['count']} frames "
               "after the first)", file=stream)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    folder.claim(SCORE_FILES)
     write_csv(out_dir / "scores.csv", ["sequence", "object", *metric_cols],
               object_rows + [[r[0], "all", *r[1:]] for r in sequence_rows] + [["all", "all", *summary_row[1:]]])
     write_json(out_dir / "scores.json", record)
@@ -171,4 +197,3 @@ def run_davis(
     bar_chart(out_dir / "scores.png", labels,
               {"J": [r[2] for r in rows], "F": [r[5] for r in rows], "J&F": [r[1] for r in rows]},
               f"DAVIS {record.get('method') or 'results'}: J&F {scores['summary']['J&F']:.3f}")
-    return record

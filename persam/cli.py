@@ -29,9 +29,9 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from typing import Optional, Sequence
-
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 from sam.download import MODELS, DownloadError, download_checkpoint
 from sam.memory import reuse_freed_memory
@@ -41,7 +41,6 @@ from sam.predictor import PRECISIONS
 from .cli_args import Parser as _Parser
 from .cli_args import UsageError as _UsageError
 from .cli_args import box as _box
-from .cli_args import numbers as _numbers
 from .cli_args import point as _point
 from .cli_args import non_negative_int as _non_negative_int
 from .cli_args import positive_float as _positive_float
@@ -49,6 +48,9 @@ from .cli_args import positive_int as _positive_int
 from .cli_args import similarity as _similarity
 from .io import InputError
 from .models import DEFAULT_MODEL, DEVICES, build_predictor, resolve_checkpoint
+
+if TYPE_CHECKING:  # numpy is imported where it is used: `persam --help` stays quick
+    import numpy as np
 
 PROG = "persam"
 EXIT_ERROR = 2
@@ -78,7 +80,8 @@ def cmd_download(args: argparse.Namespace) -> int:
     for name in names:
         try:
             path = download_checkpoint(
-                name, cache_dir=args.cache_dir, url=args.url, progress=not args.quiet
+                name, cache_dir=args.cache_dir, url=args.url, progress=not args.quiet,
+                warn=lambda message: print(f"{PROG}: warning: {message}", file=sys.stderr),
             )
         except (DownloadError, ValueError, OSError) as exc:
             status = _error(f"{name}: {exc}" if len(names) > 1 else exc)
@@ -132,9 +135,12 @@ def _port(text: str) -> int:
 
 
 def _check_output_folder(folder: Path) -> None:
-    """Create `folder` and make sure files can be written into it (before any slow work)."""
+    """Make sure `folder` can be made and written into (before any slow work), without making it:
+    a run refused later leaves no empty folder behind (the run makes it: persam.run.output_lock)."""
+    import os
     import tempfile
 
+    part = Path(".")
     for part in (folder, *folder.parents):  # the folder, or one on its way, may be a file
         if part.exists():
             if not part.is_dir():
@@ -142,101 +148,218 @@ def _check_output_folder(folder: Path) -> None:
                 raise InputError(f"{where} is a file, not a folder")
             break
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".persam-write-test-"):
-            pass
+        if part == folder:
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".persam-write-test-"):
+                pass
+        else:  # the first folder on its way that exists: a folder can be made in it
+            os.rmdir(tempfile.mkdtemp(dir=part, prefix=".persam-write-test-"))
     except OSError as exc:
-        raise InputError(f"output folder {folder} is not writable ({exc.strerror or exc})") from None
+        where = "" if part == folder else f" (it would be made in {part})"
+        raise InputError(f"output folder {folder} is not writable{where} ({exc.strerror or exc})") from None
 
 
-def _read_references(args: argparse.Namespace):
-    """Load and check the reference images and masks/clicks/box (before the model is built).
+class _ReferenceArgument(argparse.Action):
+    """--ref-image / --ref-mask / --ref-point / --ref-box of segment and learn: each value is
+    appended to its own list and, in the order given, to ``ref_order`` (which --ref-image a
+    prompt follows: see :func:`_reference_prompts`)."""
 
-    Returns a list of (image path, image, mask or None); the mask is None when SAM must
-    make it from the clicks or the box."""
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest, None) or []), values])
+        flag = self.option_strings[0]  # the flag's own name, however it was abbreviated
+        namespace.ref_order = [*(getattr(namespace, "ref_order", None) or []), (flag, values)]
+
+
+@dataclass
+class _ReferencePrompt:
+    """One reference image as given and how its object is given: a mask file, clicks or a box."""
+
+    image: str
+    mask: Optional[str] = None
+    points: Optional[List[Tuple[float, float]]] = None
+    box: Optional[Tuple[float, float, float, float]] = None
+
+    def describe(self) -> str:
+        """'mask M', '2 clicks (x,y; x,y)' or 'box x0,y0,x1,y1', for messages."""
+        if self.mask is not None:
+            return f"mask {self.mask}"
+        if self.points:
+            clicks = "; ".join(",".join(f"{v:g}" for v in p) for p in self.points)
+            return f"{len(self.points)} click{'s' if len(self.points) > 1 else ''} ({clicks})"
+        return "box " + ",".join(f"{v:g}" for v in self.box)
+
+    def settings(self, mask_sha256: Optional[str] = None) -> dict:
+        """The prompt for results.json: {"mask": file (or its sha256)}, {"points": [...]} or {"box": [...]}."""
+        if self.mask is not None:
+            return {"mask": mask_sha256 or self.mask}
+        if self.points:
+            return {"points": [list(p) for p in self.points]}
+        return {"box": list(self.box)}
+
+
+@dataclass
+class _Reference:
+    """A loaded reference image and its prompt; `mask` None until SAM makes it from the clicks or box."""
+
+    path: Path
+    image: np.ndarray
+    mask: Optional[np.ndarray]
+    prompt: _ReferencePrompt
+
+
+def _flag_value(value) -> str:
+    return ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else str(value)
+
+
+def _one_prompt(image: str, masks: list, points: list, boxes: list, where: str) -> _ReferencePrompt:
+    """The prompt of one reference image; InputError (`where` names the image) when there is none
+    or it is ambiguous."""
+    if masks and (points or boxes):
+        raise InputError(f"{where}give the reference as --ref-mask, or as --ref-point / --ref-box, not both")
+    if points and boxes:
+        raise InputError(f"{where}give the reference as --ref-point clicks or as one --ref-box, not both")
+    if len(boxes) > 1:
+        raise InputError(f"{where}{len(boxes)} --ref-box: give one --ref-box per reference image")
+    if len(masks) > 1:
+        raise InputError(f"{where}{len(masks)} --ref-mask: give one mask per reference image")
+    if not (masks or points or boxes):
+        raise InputError(f"{where}the reference needs --ref-mask MASK, --ref-point X,Y or --ref-box X0,Y0,X1,Y1")
+    return _ReferencePrompt(image, masks[0] if masks else None, list(points) or None, boxes[0] if boxes else None)
+
+
+def _reference_prompts(args: argparse.Namespace) -> List[_ReferencePrompt]:
+    """Which mask, clicks or box belongs to which --ref-image; InputError (one line) when that is
+    ambiguous.
+
+    One --ref-image: every prompt is its own, in any order.  Several given by masks only: the
+    k-th --ref-mask is the k-th image's (as before).  Otherwise each prompt belongs to the
+    --ref-image it follows, and each image needs exactly one kind: a --ref-mask, --ref-point
+    clicks, or one --ref-box."""
+    images = list(args.ref_image)
+    masks, points, boxes = list(args.ref_mask or []), list(args.ref_point or []), list(args.ref_box or [])
+    if len(images) == 1:
+        if len(masks) > 1:
+            raise InputError(f"1 --ref-image but {len(masks)} --ref-mask: give one mask per reference image")
+        return [_one_prompt(images[0], masks, points, boxes, "")]
+    if not points and not boxes:
+        if len(masks) != len(images):
+            raise InputError(f"{len(images)} --ref-image but {len(masks)} --ref-mask: give one mask per reference "
+                             f"image" if masks else
+                             f"{len(images)} reference images need a --ref-mask, --ref-point or --ref-box each")
+        return [_ReferencePrompt(image, mask) for image, mask in zip(images, masks)]
+    groups: List[Tuple[str, dict]] = []
+    for flag, value in getattr(args, "ref_order", None) or []:
+        if flag == "--ref-image":
+            groups.append((value, {"--ref-mask": [], "--ref-point": [], "--ref-box": []}))
+        elif not groups:
+            raise InputError(f"{flag} {_flag_value(value)} comes before any --ref-image: with several reference "
+                             f"images, give each one's --ref-mask, --ref-point or --ref-box after its --ref-image")
+        else:
+            groups[-1][1][flag].append(value)
+    prompts = []
+    for image, given in groups:
+        if not any(given.values()):
+            raise InputError(f"reference image {image} has no --ref-mask, --ref-point or --ref-box after it: with "
+                             f"several reference images, give each one's after its --ref-image")
+        prompts.append(_one_prompt(image, given["--ref-mask"], given["--ref-point"], given["--ref-box"],
+                                   f"reference image {image}: "))
+    return prompts
+
+
+def _read_references(args: argparse.Namespace) -> List[_Reference]:
+    """Load and check the reference images and their masks / clicks / boxes (before the model is
+    built).  The mask of a reference given by clicks or a box is None: SAM makes it."""
     from .io import check_reference_mask, load_image, load_mask
 
-    images = args.ref_image
-    masks = args.ref_mask or []
-    prompts = bool(args.ref_point) or args.ref_box is not None
-    if masks and prompts:
-        raise InputError("give the reference as --ref-mask, or as --ref-point / --ref-box, not both")
-    if args.ref_point and args.ref_box is not None:
-        raise InputError("give the reference as --ref-point clicks or as one --ref-box, not both")
-    if not masks and not prompts:
-        raise InputError("the reference needs --ref-mask MASK, --ref-point X,Y or --ref-box X0,Y0,X1,Y1")
-    if masks and len(masks) != len(images):
-        raise InputError(
-            f"{len(images)} --ref-image but {len(masks)} --ref-mask: give one mask per reference image"
-        )
-    if prompts and len(images) != 1:
-        raise InputError("--ref-point / --ref-box describe one reference image; give exactly one --ref-image")
     refs = []
-    for i, image_path in enumerate(images):
-        image = load_image(image_path)
+    for prompt in _reference_prompts(args):
+        image = load_image(prompt.image)
         if not image.flags.writeable:  # torch warns on read-only arrays
             image = image.copy()
         mask = None
-        if masks:
-            mask = check_reference_mask(load_mask(masks[i], image.shape, image_path=image_path), masks[i])
+        if prompt.mask is not None:
+            mask = check_reference_mask(load_mask(prompt.mask, image.shape, image_path=prompt.image), prompt.mask)
         else:
             h, w = image.shape[:2]
-            coords = list(args.ref_point or []) + (
-                [args.ref_box[:2], args.ref_box[2:]] if args.ref_box is not None else []
-            )
-            edge = 1 if args.ref_box is not None else 0  # a box may end on the far border
+            coords = list(prompt.points or []) + ([prompt.box[:2], prompt.box[2:]] if prompt.box is not None else [])
+            edge = 1 if prompt.box is not None else 0  # a box may end on the far border
             for x, y in coords:
                 if not (0 <= x < w + edge and 0 <= y < h + edge):
                     kind = "box corner" if edge else "click"
                     raise InputError(
-                        f"reference {kind} ({x:g}, {y:g}) is outside image {image_path} ({w}x{h})"
+                        f"reference {kind} ({x:g}, {y:g}) is outside image {prompt.image} ({w}x{h})"
                     )
-        refs.append((Path(image_path), image, mask))
+        refs.append(_Reference(Path(prompt.image), image, mask, prompt))
     return refs
 
 
-def _learn(args: argparse.Namespace, predictor, refs, mask_out: Path):
+def _sam_mask_files(refs: Sequence[_Reference], folder: Path, prefix: str = "") -> List[Optional[Path]]:
+    """Where the mask SAM makes for each reference given by clicks or a box is saved (None for a
+    reference given by its mask): PREFIXreference_mask.png for one reference, else
+    PREFIXreference_mask_K.png (K: its place among the --ref-image, from 1)."""
+    if len(refs) == 1:
+        return [None if refs[0].mask is not None else folder / f"{prefix}{REFERENCE_MASK_FILE}"]
+    stem = Path(REFERENCE_MASK_FILE).stem
+    return [None if r.mask is not None else folder / f"{prefix}{stem}_{k}.png" for k, r in enumerate(refs, start=1)]
+
+
+def _learn(args: argparse.Namespace, predictor, refs: Sequence[_Reference], mask_files: Sequence[Optional[Path]]):
+    """The concept learned from `refs`; the masks SAM makes from clicks or boxes are saved to
+    `mask_files` (see :func:`_sam_mask_files`)."""
     from .finetune import FinetuneSettings
     from .io import atomic_save_png
     from .pipeline import learn_concept
     from .target import reference_mask_from_prompts
 
     pairs, encoded = [], []
-    for image_path, image, mask in refs:
-        encoded.append((predictor.set_image(image), predictor.original_size))  # each reference encoded once
+    for ref, mask_out in zip(refs, mask_files):
+        encoded.append((predictor.set_image(ref.image), predictor.original_size))  # each reference encoded once
+        mask = ref.mask
         if mask is None:
-            mask = reference_mask_from_prompts(predictor, points=args.ref_point, box=args.ref_box)
+            prompt = ref.prompt
+            mask = reference_mask_from_prompts(predictor, points=prompt.points, box=prompt.box)
             if mask is None:
                 raise InputError(
-                    f"reference image {image_path}: SAM found no object at the given "
-                    f"{'box' if args.ref_box is not None else 'points'}; give --ref-mask instead"
+                    f"reference image {ref.path}: SAM found no object at the given "
+                    f"{'box' if prompt.box is not None else 'points'}; give --ref-mask instead"
                 )
             atomic_save_png(mask_out, mask)
             print(f"reference mask made by SAM: {mask_out}", file=sys.stderr)
-        pairs.append((image, mask))
+        pairs.append((ref.image, mask))
     method = "persam_f" if args.finetune else "persam"
     settings = FinetuneSettings(steps=args.steps, loss_resolution=args.finetune_resolution) if args.finetune else None
     return learn_concept(predictor, pairs, method=method, finetune=settings, encoded=encoded)
 
 
+def _target_paths(args: argparse.Namespace) -> list:
+    """The target images of the TARGET arguments (persam.sources.expand_sources), with its warnings
+    and notes printed; InputError for a target that does not exist or when none is found.  Called
+    before any slow work: before the checkpoint is read and the model loads, and before --out is made."""
+    from . import cli_engine
+    from .sources import Note, expand_sources
+
+    cli_engine.check(args)  # --engine ray / --format coco: their packages, before any work
+    paths, messages = expand_sources(args.targets)
+    for line in messages:
+        print(f"{PROG}: {'note' if isinstance(line, Note) else 'warning'}: {line}", file=sys.stderr)
+    if not paths:
+        raise InputError(f"no target images found in {', '.join(args.targets)}")
+    return paths
+
+
 def _run_targets(args: argparse.Namespace, predictor_factory, concept_factory, info, made_with,
-                 references=(), writes=()) -> int:
+                 references=(), writes=(), paths=None) -> int:
     """Lock --out, plan the targets (refusing to replace the user's files or to mix results made
     with other settings: see persam.run), build the model only when something is left to do, run.
 
     `made_with` describes what makes the masks (the run's key), `references` are the reference
-    images (skipped as targets) and `writes` the files the concept factory writes into --out."""
+    images (skipped as targets), `writes` the files the concept factory writes into --out and
+    `paths` the target images (:func:`_target_paths`; expanded here when None)."""
     from . import cli_engine
     from .run import OutputFolder, RunOptions
-    from .sources import expand_sources
 
-    cli_engine.check(args)  # --engine ray / --format coco: their packages, before any work
     out_dir = Path(args.out)
-    paths, warnings = expand_sources(args.targets)
-    for line in warnings:
-        print(f"{PROG}: warning: {line}", file=sys.stderr)
-    if not paths:
-        raise InputError(f"no target images found in {', '.join(args.targets)}")
+    if paths is None:
+        paths = _target_paths(args)
     options = RunOptions(
         multi=args.multi,
         max_objects=args.max_objects,
@@ -274,13 +397,35 @@ def _run_targets(args: argparse.Namespace, predictor_factory, concept_factory, i
             concept = concept_factory(predictor)
             data = folder.run(predictor, concept, targets)
         cli_engine.write_formats(args, folder, data)
-    summary = data["summary"]
+        counts = folder.run_counts()  # this run's images only (results.json's summary counts all it keeps)
+        not_found = _not_found_note(folder, targets)
+    kept = (f"; results.json also keeps {counts['kept']} record(s) of other images from earlier runs"
+            if counts["kept"] else "")
     print(
-        f"{summary['segmented']} segmented, {summary['skipped']} skipped, {summary['errors']} failed, "
-        f"object found in {summary['found']}; results in {out_dir / 'results.json'}",
+        f"{counts['segmented']} segmented, {counts['done']} already done, {counts['skipped']} skipped, "
+        f"{counts['errors']} failed, object found in {counts['found']}{not_found}{kept}; "
+        f"results in {out_dir / 'results.json'}",
         file=sys.stderr,
     )
-    return 1 if summary["errors"] else 0
+    return 1 if counts["errors"] else 0
+
+
+NOT_FOUND_NAMED = 3  # the summary line names at most this many photos where the object was not found
+
+
+def _not_found_note(folder, targets) -> str:
+    """', not found in 2: a.jpg, b.jpg' for the summary line: the photos segmented in this run where
+    the object was not found, the first few by name, then where to find the others; '' for none."""
+    from .run import RESULTS_FILE
+
+    names = [Path(str(r.get("image"))).name for r in (folder.records.get(t.name) for t in targets)
+             if isinstance(r, dict) and r.get("status") == "ok" and not r.get("found")]
+    if not names:
+        return ""
+    if len(names) <= NOT_FOUND_NAMED:
+        return f", not found in {len(names)}: {', '.join(names)}"
+    return (f", not found in {len(names)}: {', '.join(names[:NOT_FOUND_NAMED])}, ... "
+            f"(see {folder.out_dir / RESULTS_FILE})")
 
 
 def _model_info(model_type: str, checkpoint: Path) -> dict:
@@ -298,6 +443,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     model_type = args.model or DEFAULT_MODEL
     refs = _read_references(args)
     out_dir = Path(args.out)
+    paths = _target_paths(args)  # a mistyped target is refused here, before the model loads
     _check_output_folder(out_dir)
     checkpoint = resolve_checkpoint(model_type, args.checkpoint)
     holder = {}
@@ -306,31 +452,43 @@ def cmd_segment(args: argparse.Namespace) -> int:
         holder["predictor"] = build_predictor(model_type, checkpoint, args.device, args.precision, args.backend)
         return holder["predictor"]
 
-    def concept_factory(predictor):
-        return _learn(args, predictor, refs, out_dir / REFERENCE_MASK_FILE)
+    mask_files = _sam_mask_files(refs, out_dir)
 
+    def concept_factory(predictor):
+        return _learn(args, predictor, refs, mask_files)
+
+    from .coco import reference_category
+
+    prompts = [r.prompt for r in refs]
+    masks_only = all(p.mask is not None for p in prompts)
+    one = prompts[0] if len(prompts) == 1 else _ReferencePrompt("")  # the keys of one reference, as before
     info = _model_info(model_type, checkpoint)
-    info["concept_name"] = args.name or refs[0][0].stem  # the COCO category of --format coco
-    info["reference"] = {"images": [str(p) for p, _, _ in refs], "masks": args.ref_mask or None,
-                         "points": args.ref_point or None, "box": list(args.ref_box) if args.ref_box else None}
+    info["concept_name"] = args.name or reference_category(refs[0].path)  # the COCO category of --format coco
+    info["reference"] = {"images": [str(r.path) for r in refs],
+                         "masks": [p.mask for p in prompts] if masks_only else None,
+                         "points": [list(p) for p in one.points] if one.points else None,
+                         "box": list(one.box) if one.box else None}
     made_with = {  # what makes the masks, by content: the run's key in results.json
         "method": "persam_f" if args.finetune else "persam",
         "finetune": {"steps": args.steps, "resolution": args.finetune_resolution} if args.finetune else None,
-        "reference_images": [file_sha256(p) for p, _, _ in refs],
-        "reference_masks": [file_sha256(m) for m in args.ref_mask] if args.ref_mask else None,
-        "reference_points": [list(p) for p in args.ref_point] if args.ref_point else None,
-        "reference_box": list(args.ref_box) if args.ref_box else None,
+        "reference_images": [file_sha256(r.path) for r in refs],
+        "reference_masks": [file_sha256(p.mask) for p in prompts] if masks_only else None,
+        "reference_points": [list(p) for p in one.points] if one.points else None,
+        "reference_box": list(one.box) if one.box else None,
         "model_type": model_type, "checkpoint_sha256": file_sha256(checkpoint), "precision": args.precision,
     }
-    writes = () if args.ref_mask else (REFERENCE_MASK_FILE,)
-    return _run_targets(args, predictor_factory, concept_factory, info, made_with, [p for p, _, _ in refs], writes)
+    if len(prompts) > 1 and not masks_only:  # several references, some by clicks or a box: each one's
+        info["reference"]["prompts"] = [p.settings() for p in prompts]
+        made_with["reference_prompts"] = [p.settings(file_sha256(p.mask) if p.mask else None) for p in prompts]
+    writes = tuple(f.name for f in mask_files if f is not None)
+    return _run_targets(args, predictor_factory, concept_factory, info, made_with, [r.path for r in refs], writes,
+                        paths=paths)
 
 
 def cmd_learn(args: argparse.Namespace) -> int:
     """``persam learn``: learn a concept from the reference(s) and save it."""
-    from sam.download import sha256_file
-
     from .concept import save_concept
+    from .run import file_sha256  # remembered: resolve_checkpoint has read the cached file already
 
     model_type = args.model or DEFAULT_MODEL
     refs = _read_references(args)
@@ -340,11 +498,27 @@ def cmd_learn(args: argparse.Namespace) -> int:
     _check_output_folder(out.parent if str(out.parent) else Path("."))
     checkpoint = resolve_checkpoint(model_type, args.checkpoint)
     predictor = build_predictor(model_type, checkpoint, args.device, args.precision, args.backend)
-    concept = _learn(args, predictor, refs, out.with_name(f"{out.stem}_reference_mask.png"))
+    concept = _learn(args, predictor, refs, _sam_mask_files(refs, out.parent, prefix=f"{out.stem}_"))
     concept.name = args.name or out.stem
-    save_concept(concept, out, model_type=model_type, checkpoint_sha256=sha256_file(checkpoint))
-    print(out)
+    save_concept(concept, out, model_type=model_type, checkpoint_sha256=file_sha256(checkpoint))
+    _say_learned(args, concept, refs, model_type, checkpoint, out)
+    print(out)  # stdout: the concept file alone, for scripts
     return 0
+
+
+def _say_learned(args: argparse.Namespace, concept, refs: Sequence[_Reference], model_type: str, checkpoint: Path,
+                 out: Path) -> None:
+    """What `learn` learned, on stderr: the concept, its method and model, each reference and its prompt."""
+    if concept.method == "persam_f":
+        method = f"persam_f (PerSAM-F, {args.steps} steps, loss at {args.finetune_resolution} resolution)"
+    else:
+        method = "persam (PerSAM, training-free)"
+    count = f"{len(refs)} reference image{'s' if len(refs) > 1 else ''}"
+    print(f"learned concept {concept.name!r} from {count}: method {method}, model {model_type} "
+          f"(checkpoint {checkpoint.name}); saved to {out}", file=sys.stderr)
+    for ref in refs:
+        made = "" if ref.prompt.mask is not None else ", mask made by SAM"
+        print(f"  {ref.path}: {ref.prompt.describe()}{made}", file=sys.stderr)
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
@@ -355,6 +529,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     concept = load_concept(args.concept)  # checks the file before any slow work
     model_type = args.model or concept.model_type or DEFAULT_MODEL
     out_dir = Path(args.out)
+    paths = _target_paths(args)  # a mistyped target is refused here, before the model loads
     _check_output_folder(out_dir)
     checkpoint = resolve_checkpoint(model_type, args.checkpoint)
     checkpoint_sha256 = file_sha256(checkpoint)  # read once, for the check and the run's key
@@ -366,7 +541,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
                  "checkpoint_sha256": checkpoint_sha256, "precision": args.precision}
     return _run_targets(
         args, lambda: build_predictor(model_type, checkpoint, args.device, args.precision, args.backend), lambda predictor: concept,
-        info, made_with,
+        info, made_with, paths=paths,
     )
 
 
@@ -395,8 +570,9 @@ def cmd_app(args: argparse.Namespace) -> int:
     predictor = build_predictor(model_type, checkpoint, args.device, args.precision, args.backend)
     config = AppConfig(model_type=model_type, checkpoint=checkpoint, precision=args.precision,
                        max_sessions=args.max_sessions, max_embeddings=args.max_cached_images,
-                       max_megapixels=args.max_megapixels, allow_folders=args.allow_folders or is_loopback(args.host))
-    return serve(predictor, config, sock, quiet=args.quiet)
+                       max_megapixels=args.max_megapixels, max_session_mb=args.max_session_mb,
+                       allow_folders=args.allow_folders)
+    return serve(predictor, config, sock, host=args.host, quiet=args.quiet)
 
 
 # --------------------------------------------------------------------------------------------
@@ -432,15 +608,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_download)
 
     # segment / learn / apply
-    model_help = f"SAM model: {', '.join(sorted(MODELS))} (default {DEFAULT_MODEL}; apply: the concept's)"
-
-    def add_model_options(q) -> None:
-        q.add_argument("--model", choices=sorted(MODELS), default=None, help=model_help)
+    def add_model_options(q, model_default: str = f"default {DEFAULT_MODEL}") -> None:
+        q.add_argument("--model", choices=sorted(MODELS), default=None,
+                       help=f"SAM model: {', '.join(sorted(MODELS))} ({model_default})")
         q.add_argument("--checkpoint", metavar="PATH", default=None,
                        help="checkpoint file (default: the cached download of --model; see `persam download`)")
         q.add_argument("--device", choices=DEVICES, default="cpu", help="default cpu")
         q.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                       help="image-encoder precision (default fp32; bf16 on CPU, bf16/fp16 on GPU)")
+                       help="image-encoder precision: fp32 (default); bf16: on a GPU, or on a CPU with native bf16 "
+                            "(elsewhere emulated and several times slower); fp16: GPU only")
         q.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
                        help="who runs the image encoder: auto (default: openvino, then onnxruntime, when installed "
                             "and on CPU; else torch), torch, openvino, onnxruntime (built once, cached)")
@@ -448,14 +624,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add_reference_options(q, several: bool) -> None:
         g = q.add_argument_group("reference (the object to find)")
-        g.add_argument("--ref-image", metavar="IMG", action="append", required=True,
-                       help="reference image" + (" (repeat with --ref-mask for a few-shot concept)" if several else ""))
-        g.add_argument("--ref-mask", metavar="MASK", action="append", default=None,
+        g.add_argument("--ref-image", metavar="IMG", action=_ReferenceArgument, required=True,
+                       help="reference image" + (" (repeat it for a few-shot concept, each followed by its --ref-mask, "
+                                                 "--ref-point clicks or --ref-box)" if several else ""))
+        g.add_argument("--ref-mask", metavar="MASK", action=_ReferenceArgument, default=None,
                        help="mask of the object in the reference image (one per --ref-image)")
-        g.add_argument("--ref-point", metavar="X,Y", action="append", type=_point, default=None,
+        g.add_argument("--ref-point", metavar="X,Y", action=_ReferenceArgument, type=_point, default=None,
                        help="a click on the object in the reference image (repeatable); SAM makes the mask")
-        g.add_argument("--ref-box", metavar="X0,Y0,X1,Y1", type=_box, default=None,
-                       help="a box around the object in the reference image; SAM makes the mask")
+        g.add_argument("--ref-box", metavar="X0,Y0,X1,Y1", action=_ReferenceArgument, type=_box, default=None,
+                       help="a box around the object in the reference image (one per image); SAM makes the mask")
+        q.set_defaults(ref_order=None)  # the reference options in the order given (_ReferenceArgument)
         g.add_argument("--finetune", action="store_true",
                        help="PerSAM-F: learn the mask-scale weights on the reference (default PerSAM, training-free)")
         g.add_argument("--steps", type=_positive_int, default=1000, metavar="N",
@@ -465,7 +643,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "fast) or the reference image's full size (full, as the original code)")
         g.add_argument("--name", metavar="NAME", default=None,
                        help="what the object is called, kept in the concept (the category of --format coco); "
-                            "default: the concept file's name (learn) or the reference image's (segment)")
+                            "default: the concept file's name (learn) or the reference image's (segment; its "
+                            "folder's when the file name is a number, as cat/00.jpg: cat)")
 
     def add_run_options(q) -> None:
         q.add_argument("targets", metavar="TARGET", nargs="+",
@@ -515,7 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("concept", metavar="CONCEPT", help="concept file from `persam learn`")
     add_run_options(p)
-    add_model_options(p)
+    add_model_options(p, model_default=f"default: the concept's; {DEFAULT_MODEL} for a concept that names none")
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser(
@@ -563,7 +742,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("png", "coco"), default="png",
                    help="png (default): the masks and results.json; coco: also OUT/coco.json, COCO instances of "
                         "the frames (RLE masks, boxes, areas, scores, track_id per object)")
-    add_model_options(p)
+    add_model_options(p, model_default=f"default {DEFAULT_MODEL}; with --concept: the concept's")
     p.set_defaults(func=cmd_track)
 
     p = sub.add_parser(
@@ -574,12 +753,18 @@ def build_parser() -> argparse.ArgumentParser:
         "Needs `pip install -e \".[app]\"`. Every browser gets its own session; one model serves them all.",
     )
     add_model_options(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address or name to listen on (default 127.0.0.1: this machine only, served as 127.0.0.1, "
+                        "localhost and [::1]); the page answers only to this name (and a loopback address's names)")
     p.add_argument("--port", type=_port, default=7860, help="port (default 7860; 0: any free port)")
     p.add_argument("--allow-folders", action="store_true",
-                   help="let the page read target folders on the server also when --host is not a loopback address")
+                   help="let the page add target images from folders and glob patterns on the server (default: "
+                        "uploads only)")
     p.add_argument("--max-sessions", type=_positive_int, default=8, metavar="N",
-                   help="browser sessions kept at once, least recently used dropped first (default 8)")
+                   help="browser sessions kept at once (default 8); a new one replaces the least recently used "
+                        "session idle for 10 minutes, and is refused while every session is in use")
+    p.add_argument("--max-session-mb", type=_positive_float, default=1024.0, metavar="MB",
+                   help="uploads one session keeps on disk, all together (default 1024 MB)")
     p.add_argument("--max-cached-images", type=_positive_int, default=48, metavar="N",
                    help="image embeddings kept in memory, 4 MiB each (default 48); others are encoded again when needed")
     p.add_argument("--max-megapixels", type=_positive_float, default=50.0, metavar="MP",

@@ -40,7 +40,8 @@ def add_options(q) -> None:
     """--format and the engine options of `segment` / `apply`."""
     q.add_argument("--format", choices=("png", "coco"), default="png",
                    help="png (default): a mask PNG per image and results.json; coco: also OUT/coco.json, COCO "
-                        "instances (RLE masks, boxes, areas, scores; the category is the concept's name)")
+                        "instances (RLE masks, boxes, areas, scores; the category is the concept's name: --name, "
+                        "else the reference image's, its folder's when the file name is a number)")
     g = q.add_argument_group("engine (large collections)")
     g.add_argument("--engine", choices=("local", "ray"), default="local",
                    help="local (default): this process; ray: Ray Data workers on this machine or a cluster "
@@ -55,13 +56,13 @@ def add_options(q) -> None:
                    help="--engine ray: GPUs per worker, fractions share one (default 0, or 1 with --device cuda); "
                         "> 0 runs the workers on CUDA")
     g.add_argument("--cpus-per-worker", type=_positive_float, default=1.0, metavar="C",
-                   help="--engine ray: CPUs per worker, and its torch threads on CPU (default 1)")
+                   help="--engine ray: CPUs per worker (default 1): on a CPU its threads, one image on each")
     g.add_argument("--batch-size", type=positive_int, default=4, metavar="B",
-                   help="images segmented together: each decoder call of the method is made once for B images, "
-                        "quicker per image (on a CPU 2-4 is quickest, beyond that the images' working memory leaves "
-                        "the cache; there the B images are also split over torch's threads, decoded side by "
-                        "side); on a GPU they are also encoded together; with --engine ray, images per worker "
-                        "call (default 4)")
+                   help="images segmented together (default 4): on a CPU up to one per torch thread side by side, "
+                        "each alone on one thread, so that any engine, worker count and thread count writes the "
+                        "same masks (with the torch encoder, a B of at least the cores keeps them all busy); on a "
+                        "GPU each decoder call of the method is made once for the B images, which are also "
+                        "encoded together; with --engine ray, images per worker call")
 
 
 def check(args) -> None:
@@ -99,17 +100,37 @@ def run_on_ray(args, folder, targets, predictor_factory: Callable, concept_facto
     gpus = args.gpus_per_worker if args.gpus_per_worker is not None else (1.0 if args.device == "cuda" else 0.0)
     ray_options = RayOptions(address=args.address, workers=args.workers, gpus_per_worker=gpus,
                              cpus_per_worker=args.cpus_per_worker, batch_size=args.batch_size)
+    device = "cuda" if gpus > 0 else "cpu"
     model = WorkerModel(
         model_type=made_with["model_type"],
         checkpoint=str(folder.options.info["checkpoint"]),
         checkpoint_sha256=made_with.get("checkpoint_sha256"),
-        device="cuda" if gpus > 0 else "cpu",
+        device=device,
         precision=args.precision,
-        backend=getattr(args, "backend", "auto"),
+        backend=_worker_backend(getattr(args, "backend", "auto"), device, args.precision),
     )
     folder.claim(targets)  # lists the outputs (and reference_mask.png) before any is written
     concept = concept_factory(predictor_factory() if learns else None)
     return run_ray(folder, targets, concept, model, ray_options)
+
+
+def _worker_backend(backend: str, device: str, precision: str) -> str:
+    """The encoder backend the workers use: "auto" resolved here, on the driver, as the local
+    engine would, so that no node picks another (a node without it refuses to start its worker)."""
+    import sys
+
+    from sam.backends import BackendUnavailable, faster_backend_hint, resolve_backend
+
+    from .io import InputError
+
+    try:
+        resolved = resolve_backend(backend, device, precision)
+    except (BackendUnavailable, ValueError) as exc:
+        raise InputError(f"--backend {backend}: {exc}") from None
+    hint = faster_backend_hint(backend, device, precision)  # said once here, not by every worker
+    if hint is not None:
+        print(f"persam: {hint}", file=sys.stderr)
+    return resolved
 
 
 def write_formats(args, folder, data: dict) -> None:

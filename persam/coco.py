@@ -21,6 +21,8 @@ pycocotools is an optional extra: ``pip install 'persam[coco]'``.
 from __future__ import annotations
 
 import json
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -29,11 +31,23 @@ import numpy as np
 
 from .io import InputError, atomic_write_text
 
-__all__ = ["COCO_FILE", "CocoImage", "coco_dataset", "encode_rle", "require_pycocotools", "results_to_coco",
-           "track_to_coco", "write_coco", "write_track_coco"]
+__all__ = ["COCO_FILE", "CocoImage", "coco_dataset", "encode_rle", "reference_category", "require_pycocotools",
+           "results_to_coco", "track_to_coco", "write_coco", "write_track_coco"]
 
 COCO_FILE = "coco.json"
 INSTALL_HINT = "pip install 'persam[coco]'"
+
+
+def reference_category(path) -> str:
+    """The category a reference image names by default: its file name without the extension, or,
+    where that is a number (a frame or photo index: PerSeg's Images/cat/00.jpg, 0001-2.png), the
+    name of its folder (cat).  The file name where there is no folder (the root)."""
+    stem = Path(path).stem
+    if re.fullmatch(r"\d+([._-]\d+)*", stem):
+        folder = Path(os.path.abspath(path)).parent.name  # "00.jpg" and "../00.jpg" too, links not followed
+        if folder:
+            return folder
+    return stem
 
 
 def require_pycocotools():

@@ -3,13 +3,16 @@
 No command-line code here: :func:`resolve_checkpoint` finds the checkpoint file of a model
 type (never downloads), :func:`build_predictor` checks that the device exists and builds the
 :class:`~sam.predictor.SamPredictor`.  Both raise :class:`~persam.io.InputError` with one-line
-messages.
+messages, and report what the user should know (a hand-placed checkpoint, a faster encoder
+backend to install) as one line each to their ``log`` callback (stderr by default), as
+:mod:`sam.backends` does.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 from sam.download import MODELS
 
@@ -18,20 +21,50 @@ from .io import InputError
 DEVICES = ("cpu", "cuda", "mps")
 DEFAULT_MODEL = "vit_t"  # fast on CPU; vit_h is the paper's model
 
+Log = Callable[[str], None]
 
-def resolve_checkpoint(model_type: str, checkpoint: Optional[Union[str, Path]]) -> Path:
-    """`checkpoint` (a file, or a HuggingFace folder) when given, else the cached download; never downloads."""
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def resolve_checkpoint(model_type: str, checkpoint: Optional[Union[str, Path]], log: Optional[Log] = _stderr) -> Path:
+    """The checkpoint file to load; never downloads.
+
+    `checkpoint` when given: a file, or a HuggingFace folder, for which the weights file inside it
+    (model.safetensors or pytorch_model.bin) is returned, so that its sha256 can be taken. Else the
+    cached download (sam.download.cached_checkpoint): one whose sha256 is not the official file's
+    was placed there by hand and is used, with one warning line naming it and its sha256 to `log`
+    (None: an UnverifiedCheckpointWarning instead).
+    """
     if checkpoint:
         path = Path(checkpoint).expanduser()
         if not path.exists():
             raise InputError(f"checkpoint {path}: file not found")
+        if path.is_dir():
+            from sam.checkpoint import CheckpointError, checkpoint_file
+
+            try:
+                return checkpoint_file(path, model_type=model_type)
+            except CheckpointError as exc:
+                raise InputError(str(exc)) from None
         return path
     if model_type not in MODELS:
         raise InputError(f"unknown model {model_type!r}: one of {', '.join(sorted(MODELS))}")
-    from sam.download import default_cache_dir
+    from sam.download import DownloadError, cached_checkpoint, default_cache_dir
 
-    path = default_cache_dir() / MODELS[model_type].filename
-    if not path.is_file():
+    from .run import file_sha256  # remembered per process: the run's key reads it too
+
+    warn = None if log is None else (lambda message: log(f"persam: warning: {message}"))
+    try:
+        path = cached_checkpoint(model_type, sha256_of=file_sha256, warn=warn)
+    except DownloadError as exc:
+        raise InputError(str(exc)) from None
+    except OSError as exc:
+        raise InputError(f"checkpoint {exc.filename or default_cache_dir()}: cannot be read "
+                         f"({exc.strerror or exc})") from None
+    if path is None:
+        path = default_cache_dir() / MODELS[model_type].filename
         raise InputError(
             f"no checkpoint for {model_type}: {path} not found; run `persam download {model_type}` "
             f"or pass --checkpoint PATH"
@@ -39,15 +72,18 @@ def resolve_checkpoint(model_type: str, checkpoint: Optional[Union[str, Path]]) 
     return path
 
 
-def build_predictor(model_type: str, checkpoint: Path, device: str, precision: str, backend: str = "auto"):
+def build_predictor(model_type: str, checkpoint: Path, device: str, precision: str, backend: str = "auto",
+                    log: Optional[Log] = _stderr):
     """The SamPredictor for `model_type` / `checkpoint` on `device`, after checking that the device exists.
 
     `backend` runs the image encoder (sam.backends: auto, torch, openvino, onnxruntime); a compiled
     one is cached under the checkpoint's sha256. An unusable backend is refused before the model loads.
+    When "auto" leaves the encoder on torch on a CPU where a faster backend could be installed
+    (and torch was not asked for, by name or by $PERSAM_BACKEND), one line to `log` says how to get it.
     """
     import torch
 
-    from sam.backends import BackendUnavailable, resolve_backend
+    from sam.backends import BackendUnavailable, faster_backend_hint, resolve_backend
     from sam.build import build_sam
     from sam.predictor import SamPredictor
 
@@ -59,6 +95,9 @@ def build_predictor(model_type: str, checkpoint: Path, device: str, precision: s
         resolved = resolve_backend(backend, device, precision)
     except (BackendUnavailable, ValueError) as exc:
         raise InputError(f"--backend {backend}: {exc}") from None
+    hint = faster_backend_hint(backend, device, precision) if log is not None else None
+    if hint is not None:
+        log(f"persam: {hint}")
     model = build_sam(model_type, checkpoint, device=device)
     sha256 = None
     if resolved != "torch" and Path(checkpoint).is_file():

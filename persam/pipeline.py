@@ -4,13 +4,16 @@
     segment         steps 2 and 3 on a new image (encoded once)
     segment_images  steps 2 and 3 on several encoded images, each decoder call made for all of
                     them at once (the fixed costs of a call are shared: quicker per image)
+    each_on_one_thread  a step for several images side by side, each image's arithmetic on one
+                    torch thread (what `persam segment / apply` runs on a CPU, in either engine:
+                    the same bits whatever the machine's thread count and the images beside it)
 """
 
 import functools
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 import torch
@@ -211,9 +214,12 @@ def segment_images(
     operations without waiting for the others, and one thread's Python runs while the other's
     products do: on 2 cores, 2 workers of 1 thread took a group of 4 photos 0.86-0.99x the time
     of 1 worker of 2 threads in the runs of scripts/bench_pipeline.py, once 1.05x in a noisy run
-    (README, Speed). The masks are the same; logits may differ by float rounding (products split
-    over fewer threads add in another order).
+    (README, Speed). Each group's values are those of one worker on the same thread count; on
+    another thread count torch's kernels may round differently, which can move a mask's pixel.
     `decode_workers` gives the number worth taking. On a GPU it is ignored.
+
+    `persam segment / apply` on a CPU decode each image alone on one thread instead
+    (`each_on_one_thread`), whose values do not depend on the group or the thread count.
     """
     groups = _worker_groups(len(images), workers if predictor.device.type == "cpu" else 1)
     if len(groups) <= 1:
@@ -235,11 +241,50 @@ def segment_images(
 
 
 def decode_workers(predictor: SamPredictor, count: int) -> int:
-    """The `workers` worth taking for `segment_images` of `count` images: on a CPU one per torch
-    thread, at most one per image; on a GPU 1."""
+    """The `workers` worth taking for `segment_images` or `each_on_one_thread` of `count` images:
+    on a CPU one per torch thread, at most one per image; on a GPU 1."""
     if predictor.device.type != "cpu":
         return 1
     return max(1, min(count, torch.get_num_threads()))
+
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+def each_on_one_thread(predictor: SamPredictor, step: Callable[[SamPredictor, Item], Result],
+                       items: Sequence[Item], workers: int = 1) -> List[Result]:
+    """``[step(predictor.sibling(), item) for item in items]``: on a CPU each call runs on one
+    torch thread, up to `workers` calls side by side in threads of their own (`decode_workers`);
+    on another device, one after the other in this thread. In order; the first error is raised
+    (after the calls already running end); the caller's torch thread count is restored.
+
+    Why one thread: torch's CPU results depend on its thread count. With one thread it takes
+    other kernels (the image encoder's 1 x 1 convolutions run as PyTorch's own matrix product,
+    with more threads as oneDNN's convolution: embeddings differ by about 3e-6), and products
+    may split their sums over the threads (a similarity peak moved by 2e-7 between 1 and 2
+    threads). The decoder's values also depend on the images decoded with it in one call
+    (`segment_images`: logits move by about 1e-5). Such differences move a mask's pixel, a
+    prompt point, a score. So `persam segment / apply` segment each image alone on one thread,
+    in both engines: a Ray worker with one CPU and a local run on any number of cores write the
+    same bits (on the same kind of CPU). Each call gets a predictor of its own (`sibling`: the
+    same model and encoder), so the caller's current image is not changed."""
+    items = list(items)
+    if predictor.device.type != "cpu":
+        return [step(predictor.sibling(), item) for item in items]
+    threads = torch.get_num_threads()
+
+    def on_one_thread(item: Item) -> Result:
+        torch.set_num_threads(1)  # this thread's own: its OpenMP team and MKL's
+        return step(predictor.sibling(), item)
+
+    try:
+        if workers <= 1 or len(items) <= 1:
+            return [on_one_thread(item) for item in items]
+        with ThreadPoolExecutor(min(workers, len(items)), thread_name_prefix="persam-image") as pool:
+            return list(pool.map(on_one_thread, items))
+    finally:
+        torch.set_num_threads(threads)  # also the count that threads started later begin with
 
 
 def _worker_groups(count: int, workers: int) -> List[range]:

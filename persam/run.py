@@ -1,6 +1,6 @@
 """Batch runner: find a learned concept in many target images and write the results.
 
-For every target image (files, folders of images, glob patterns; see :func:`expand_targets`)
+For every target image (files, folders of images, glob patterns; see persam.sources)
 the image is encoded once and segmented (one object, or several with ``multi``); into the
 output folder go, each written atomically:
 
@@ -45,7 +45,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import glob
 import hashlib
 import json
 import math
@@ -60,7 +59,8 @@ import numpy as np
 from tqdm import tqdm
 
 from .io import InputError, atomic_write_bytes, atomic_write_text, encode_png
-from .pipeline import Concept, Segmentation, decode_workers, locate, segment_images
+from .pipeline import Concept, Segmentation, decode_workers, each_on_one_thread, locate, segment_images
+from .sources import IMAGE_EXTENSIONS, expand_targets  # re-exported: the expansion is persam.sources's
 
 try:
     import fcntl
@@ -90,7 +90,6 @@ __all__ = [
     "write_result",
 ]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 RESULTS_FILE = "results.json"
 RESULTS_FORMAT = "persam-results"
 RESULTS_VERSION = 2  # 2: format, key, made_with, other_keys, files; records with key and image_sha256
@@ -99,7 +98,6 @@ LOCK_FILE = ".persam.lock"
 UNRECORDED_KEY = "unrecorded"  # the key of records from a results.json written before keys existed
 REFERENCE_IMAGE = "reference image"  # the skip reason of a target that is the reference image
 MAX_LABELS = 255  # objects one 8-bit label PNG can hold (0 is background)
-_GLOB_CHARS = set("*?[")
 _OUTPUT_SUFFIXES = ("_overlay", "_similarity")  # a stem ending so could be another image's output
 
 
@@ -118,8 +116,9 @@ class RunOptions:
     made_with: Dict[str, object] = field(default_factory=dict)
     reference_images: Sequence[Path] = ()  # a target that is one of these (file or content) is skipped
     extra_outputs: Sequence[str] = ()  # files the caller writes into the folder during the run
-    # Images segmented together: each decoder call of the method is made once for all of them
-    # (persam.pipeline.segment_images), quicker per image; on a GPU they are also encoded together.
+    # Images segmented together: on a CPU up to one per torch thread side by side, each on one thread
+    # (persam.pipeline.each_on_one_thread); on a GPU each decoder call of the method is made once for
+    # all of them (persam.pipeline.segment_images), and they are encoded together.
     batch_size: int = 1
 
     def __post_init__(self) -> None:
@@ -145,49 +144,6 @@ class Target:
     def pending(self) -> bool:
         """To be segmented in this run."""
         return not self.done and self.skip_reason is None
-
-
-# --------------------------------------------------------------------------------------------
-# targets
-
-
-def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS
-
-
-def expand_targets(specs: Sequence[str]) -> Tuple[List[Path], List[str]]:
-    """Image paths named by `specs` (files, folders: their images sorted, glob patterns: the
-    matching images sorted), without duplicates, and warnings for specs that name nothing.
-
-    A file that does not exist is kept (it is reported as an error when it is loaded)."""
-    paths: List[Path] = []
-    warnings: List[str] = []
-    seen = set()
-
-    def add(p: Path) -> None:
-        key = str(p.resolve()) if p.exists() else str(p)
-        if key not in seen:
-            seen.add(key)
-            paths.append(p)
-
-    for spec in specs:
-        p = Path(spec).expanduser()
-        if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.is_file() and _is_image(q))
-            if not found:
-                warnings.append(f"folder {p} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-            for q in found:
-                add(q)
-        elif p.exists() or not (_GLOB_CHARS & set(spec)):
-            add(p)
-        else:
-            found = sorted(Path(q) for q in glob.glob(str(p), recursive=True))
-            found = [q for q in found if q.is_file() and _is_image(q)]
-            if not found:
-                warnings.append(f"pattern {spec} matches no images")
-            for q in found:
-                add(q)
-    return paths, warnings
 
 
 def output_files(name: str, options: RunOptions) -> Dict[str, str]:
@@ -331,23 +287,42 @@ def output_lock(folder) -> Iterator[None]:
     An advisory ``fcntl.flock`` on ``folder/.persam.lock`` (which names the holder's pid).  The
     kernel drops the lock when its process ends in any way, so a killed run never blocks the
     next one; the file is removed when the block ends (a run killed with SIGKILL leaves it,
-    unlocked, and the next run takes it over).  Without fcntl (not POSIX) there is no lock."""
+    unlocked, and the next run takes it over).  Without fcntl (not POSIX) there is no lock.
+
+    The folder (and missing folders above it) is made here; the ones made here are removed again
+    when the block leaves them empty (a run refused or failed before writing anything)."""
     folder = Path(folder)
     if fcntl is None:  # pragma: no cover
         yield
         return
+    made = [f for f in (folder, *folder.parents) if not os.path.lexists(f)]  # deepest first
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
+        _remove_empty(made)
         raise InputError(f"cannot create output folder {folder} ({exc.strerror or exc})") from None
     path = folder / LOCK_FILE
-    fd = _lock_file(path, folder)
+    try:
+        fd = _lock_file(path, folder)
+    except BaseException:
+        _remove_empty(made)
+        raise
     try:
         yield
     finally:
         with contextlib.suppress(OSError):
             os.unlink(path)  # still locked here: a run waiting on this file sees it gone and retries
         os.close(fd)
+        _remove_empty(made)
+
+
+def _remove_empty(folders: Sequence[Path]) -> None:
+    """Remove each of `folders` (deepest first) while it is empty."""
+    for f in folders:
+        try:
+            os.rmdir(f)
+        except OSError:  # not empty (the run's outputs, another run's lock), or gone
+            return
 
 
 def _lock_file(path: Path, folder: Path) -> int:
@@ -372,8 +347,14 @@ def _lock_file(path: Path, folder: Path) -> int:
         except FileNotFoundError:
             current = False
         if current:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
+            try:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+            except OSError as exc:  # a full disk: leave no lock file behind
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                os.close(fd)
+                raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
             return fd
         os.close(fd)  # the run that held it removed the file after we opened it: lock the new one
 
@@ -661,6 +642,22 @@ class OutputFolder:
         """Write results.json now (see :meth:`add_result`); the results dictionary as written."""
         return self._save()
 
+    def run_counts(self) -> Dict[str, int]:
+        """What this run did (results.json's summary counts every record the file keeps, also the
+        earlier runs'): ``segmented``, ``errors`` and ``found`` among the images segmented now,
+        ``done`` (by an earlier run with the same settings), ``skipped`` (the reference image) and
+        ``kept`` (records of other images, from earlier runs, that results.json keeps)."""
+        names = {t.name for t in self.targets}
+        now = [self.records[t.name] for t in self.targets if t.pending and t.name in self.records]
+        return {
+            "segmented": sum(r.get("status") == "ok" for r in now),
+            "errors": sum(r.get("status") == "error" for r in now),
+            "found": sum(r.get("status") == "ok" and bool(r.get("found")) for r in now),
+            "done": sum(t.done for t in self.targets),
+            "skipped": sum(t.skip_reason is not None for t in self.targets),
+            "kept": sum(n not in names for n in self.earlier.records),
+        }
+
     def claim_files(self, names: Sequence[str]) -> dict:
         """List more files (written by the caller: coco.json) in results.json before they are
         written; InputError when one exists and is not persam's."""
@@ -771,28 +768,43 @@ def _encode_jpg_or_png(rgb: np.ndarray, fmt: str) -> bytes:
     return buf.tobytes()
 
 
-def _segment_images(predictor, concept: Concept, embeddings, options: RunOptions) -> List[List[Segmentation]]:
-    """Each image's segmentations: one object per image, their decoder calls made together, or
-    (``multi``) the objects of each image in turn."""
-    if not options.multi:
-        workers = decode_workers(predictor, len(embeddings))  # on a CPU, the images split over torch's threads
-        return [[seg] for seg in segment_images(predictor, concept, embeddings, options.min_similarity,
-                                                options.save_similarity, workers=workers)]
+def _segment_images(predictor, concept: Concept, embeddings,
+                    options: RunOptions) -> Tuple[List[List[Segmentation]], List[float], bool]:
+    """Each image's segmentations: one object per image, or (``multi``) the objects of each image;
+    with the seconds each took and whether those were measured for the whole group (the group's
+    time per image) rather than per image.  On a GPU one object per image takes each decoder call
+    of the method once for the group; on a CPU each image is segmented alone on one thread
+    (:func:`persam.pipeline.each_on_one_thread`)."""
+    start = time.perf_counter()
+    if not options.multi and predictor.device.type != "cpu":
+        segmented = [[seg] for seg in segment_images(predictor, concept, embeddings, options.min_similarity,
+                                                     options.save_similarity)]
+        return segmented, [(time.perf_counter() - start) / max(1, len(embeddings))] * len(embeddings), True
     from .multi import segment_objects
 
-    found = []
-    for embedding in embeddings:
-        predictor.set_embedding(*embedding)
-        found.append(list(segment_objects(predictor, concept, None, max_objects=options.max_objects,
-                                          min_similarity=options.min_similarity)))
-    return found
+    def segment_one(pred, embedding) -> Tuple[List[Segmentation], float]:
+        start = time.perf_counter()
+        if options.multi:
+            pred.set_embedding(*embedding)
+            segs = list(segment_objects(pred, concept, None, max_objects=options.max_objects,
+                                        min_similarity=options.min_similarity))
+        else:
+            segs = segment_images(pred, concept, [embedding], options.min_similarity, options.save_similarity)
+        return segs, time.perf_counter() - start
+
+    # on a CPU each image alone on one thread, up to one per torch thread side by side: its values
+    # are then the same whatever the thread count and the images beside it, in either engine
+    done = each_on_one_thread(predictor, segment_one, embeddings, decode_workers(predictor, len(embeddings)))
+    return [segs for segs, _ in done], [seconds for _, seconds in done], False
 
 
 def _similarity(predictor, concept: Concept, segs: List[Segmentation]):
     for s in segs:
         if s.similarity is not None:
             return s.similarity
-    return locate(predictor, concept, predictor.current_image())
+    # on one thread, as the segmentations were made: the map's values depend on torch's thread count
+    return each_on_one_thread(predictor, lambda pred, image: locate(pred, concept, image),
+                              [predictor.current_image()])[0]
 
 
 def _encode_outputs(predictor, concept, options, image, segs, found, files) -> List[Tuple[str, bytes]]:
@@ -800,12 +812,15 @@ def _encode_outputs(predictor, concept, options, image, segs, found, files) -> L
     from . import visualize
 
     outputs = []
-    if options.save_similarity:
+    if options.save_similarity:  # over the photo, with its colour scale
         sim = _similarity(predictor, concept, segs)
-        outputs.append((files["similarity"], encode_png(visualize.heatmap(sim), path=files["similarity"])))
+        picture = visualize.heatmap(sim, image=image)
+        outputs.append((files["similarity"], encode_png(picture, path=files["similarity"])))
     points, labels = _all_points(segs)
     boxes = [s.box for s in found if s.box is not None]
     picture = visualize.overlay(image, [s.mask for s in found], points, labels, boxes or None)
+    if not found:  # framed in red and marked, as persam track marks its frames
+        picture = visualize.mark_not_found(picture)
     outputs.append((files["overlay"], _encode_jpg_or_png(picture, options.overlay_format)))
     if options.multi:
         label_map = np.zeros(image.shape[:2], dtype=np.uint8)
@@ -845,43 +860,69 @@ def load_target(target: Target, data: Optional[bytes] = None) -> Tuple[Optional[
     return image, None
 
 
-def encode_loaded(predictor, images: Sequence[np.ndarray]) -> Tuple[list, float]:
-    """Encode loaded images: (their ImageEmbeddings, seconds per image). On a CPU one encoder call
-    per image, through `set_image` (a batch of 4 took 6 % longer per image with OpenVINO on the
-    project's CPU); on a GPU all in one call."""
+def encode_loaded(predictor, images: Sequence[np.ndarray]) -> Tuple[list, List[float], bool]:
+    """Encode loaded images: (their ImageEmbeddings, the seconds each took, shared). On a CPU one
+    encoder call per image, through `set_image` (a batch of 4 took 6 % longer per image with
+    OpenVINO on the project's CPU), each timed; on a GPU all in one call, whose time is shared
+    (``shared`` True: each image is given the call's time per image).
+
+    On a CPU the torch encoder, whose values depend on torch's thread count, encodes each image on
+    one thread, up to one image per thread side by side (:func:`persam.pipeline.each_on_one_thread`;
+    as many images' working memory at once); OpenVINO and ONNX Runtime, whose values do not
+    (tests/test_ray_engine.py), take every thread for one image after another."""
     start = time.perf_counter()
     if len(images) > 1 and predictor.device.type != "cpu":
         embeddings = predictor.encode_images(images, batch_size=len(images))
+        return embeddings, [(time.perf_counter() - start) / len(images)] * len(images), True
+    predictor.prepare()  # built here, once (a compiled encoder that cannot be built falls back to torch)
+
+    def encode(pred, image) -> Tuple[object, float]:
+        start = time.perf_counter()
+        pred.set_image(image)
+        return pred.current_image(), time.perf_counter() - start
+
+    if predictor.device.type == "cpu" and predictor.backend == "torch":
+        encoded = each_on_one_thread(predictor, encode, images, decode_workers(predictor, len(images)))
     else:
-        embeddings = []
-        for image in images:
-            predictor.set_image(image)
-            embeddings.append(predictor.current_image())
-    return embeddings, (time.perf_counter() - start) / max(1, len(images))
+        encoded = [encode(predictor, image) for image in images]
+    return [embedding for embedding, _ in encoded], [seconds for _, seconds in encoded], False
 
 
 def segment_loaded_images(predictor, concept: Concept, targets: Sequence[Target], images: Sequence[np.ndarray],
-                          options: RunOptions, embeddings: Sequence, encode_s: float) -> List[ImageResult]:
-    """Segment loaded, encoded targets together (`embeddings`: their ImageEmbeddings, encoded in
-    `encode_s` seconds per image): each one's record and output files (nothing is written).
-    Each decoder call of the method is made once for all of them; ``segment_s`` in a record is
-    the group's time per image."""
-    start = time.perf_counter()
-    segmented = _segment_images(predictor, concept, embeddings, options)
-    segment_s = (time.perf_counter() - start) / max(1, len(targets))
+                          options: RunOptions, embeddings: Sequence, timings: Sequence[Dict[str, float]] = (),
+                          shared: Sequence[str] = ()) -> List[ImageResult]:
+    """Segment loaded, encoded targets together (`embeddings`: their ImageEmbeddings): each one's
+    record and output files (nothing is written).  On a GPU each decoder call of the method is
+    made once for all of them; on a CPU each is segmented alone on one thread (`_segment_images`).
+
+    `timings`: per image, the seconds its earlier steps took (``load_s``, ``encode_s``), and
+    `shared` the names of those measured for the whole group (given per image: the group's
+    time / its size).  A record's ``timings`` adds ``segment_s`` (shared on a GPU, unless ``multi``,
+    where each image is segmented alone, as on a CPU) and ``outputs_s`` (drawing and encoding its output files, per
+    image), and says which are shared (``shared``) and the group's size (``group_size``)."""
+    timings = list(timings) or [{} for _ in targets]
+    segmented, segment_s, segment_shared = _segment_images(predictor, concept, embeddings, options)
+    shared = [*shared, *(["segment_s"] if segment_shared else [])]
     results = []
-    for target, image, embedding, segs in zip(targets, images, embeddings, segmented):
+    for target, image, embedding, segs, before, seconds in zip(targets, images, embeddings, segmented, timings,
+                                                              segment_s):
         predictor.set_embedding(*embedding)  # the image its outputs are drawn from
-        results.append(_image_result(predictor, concept, target, image, options, segs, encode_s, segment_s))
+        measured = {**before, "segment_s": seconds}
+        results.append(_image_result(predictor, concept, target, image, options, segs, measured, shared,
+                                     len(targets)))
     return results
 
 
 def _image_result(predictor, concept: Concept, target: Target, image: np.ndarray, options: RunOptions,
-                  segs: List[Segmentation], encode_s: float, segment_s: float) -> ImageResult:
-    """One segmented image's record and output files."""
+                  segs: List[Segmentation], timings: Dict[str, float], shared: Sequence[str],
+                  group_size: int) -> ImageResult:
+    """One segmented image's record and output files; `timings`: the seconds of its steps so far
+    (see :func:`segment_loaded_images`)."""
     found = [s for s in segs if s.found]
     files = output_files(target.name, options)
+    start = time.perf_counter()
     outputs = _encode_outputs(predictor, concept, options, image, segs, found, files)
+    timings = {**timings, "outputs_s": time.perf_counter() - start}
     first = segs[0] if segs else None
     points, labels = _all_points(segs)
     boxes = [s.box for s in found if s.box is not None]
@@ -895,7 +936,8 @@ def _image_result(predictor, concept: Concept, target: Target, image: np.ndarray
         points=_points(points),
         labels=[int(v) for v in labels],
         boxes=[_floats(b) for b in boxes],
-        timings={"encode_s": round(encode_s, 4), "segment_s": round(segment_s, 4)},
+        timings={**{k: round(float(v), 4) for k, v in timings.items()},
+                 "shared": [k for k in shared if k in timings], "group_size": int(group_size)},
         outputs=files,
     )
     if options.multi:
@@ -925,20 +967,23 @@ def segment_targets(predictor, concept: Concept, targets: Sequence[Target], opti
                     data: Optional[Sequence[Optional[bytes]]] = None) -> List[ImageResult]:
     """Load, encode and segment targets together (:func:`segment_loaded_images`): each one's
     record (status ok, or error when it cannot be loaded) and output files, in order.  `data`:
-    the files' bytes, already read (None each: read here).  Nothing is written."""
+    the files' bytes, already read (None each: read here; a record's ``load_s`` is then the
+    decoding alone).  Nothing is written."""
     results: List[Optional[ImageResult]] = []
-    loaded = []  # (position, target, image)
+    loaded = []  # (position, target, image, seconds to load it)
     for i, (target, content) in enumerate(zip(targets, data if data is not None else [None] * len(targets))):
+        start = time.perf_counter()
         image, failed = load_target(target, content)
         results.append(failed)
         if failed is None:
-            loaded.append((i, target, image))
+            loaded.append((i, target, image, time.perf_counter() - start))
     if loaded:
-        images = [image for _, _, image in loaded]
-        embeddings, encode_s = encode_loaded(predictor, images)
-        segmented = segment_loaded_images(predictor, concept, [t for _, t, _ in loaded], images, options,
-                                          embeddings, encode_s)
-        for (i, _, _), result in zip(loaded, segmented):
+        images = [image for _, _, image, _ in loaded]
+        embeddings, encode_s, encode_shared = encode_loaded(predictor, images)
+        timings = [{"load_s": load_s, "encode_s": seconds} for (_, _, _, load_s), seconds in zip(loaded, encode_s)]
+        segmented = segment_loaded_images(predictor, concept, [t for _, t, _, _ in loaded], images, options,
+                                          embeddings, timings, ["encode_s"] if encode_shared else [])
+        for (i, _, _, _), result in zip(loaded, segmented):
             results[i] = result
     return results
 

@@ -2,8 +2,10 @@
 
 A SOURCE (each TARGET argument) is one of
 
-    photos/                       a folder: its images, sorted (not recursive)
-    'photos/**/*.jpg'             a glob pattern: the matching images, sorted
+    photos/                       a folder: its images, sorted (not recursive: a note counts the
+                                  subfolders and the files of other formats it skipped)
+    'photos/**/*.jpg'             a glob pattern: the matching images, sorted (each folder is
+                                  listed once, also when symbolic links lead back to it)
     photos/01.jpg                 one image
     list.txt                      a text file of image paths (or URIs, folders, globs), one a line;
                                   blank lines and lines starting with # are skipped
@@ -16,15 +18,26 @@ A SOURCE (each TARGET argument) is one of
 A relative path inside a text or parquet file is relative to that file's folder.  Local
 images are :class:`pathlib.Path` objects; URIs become :class:`UriPath`, which reads through
 ``pyarrow.fs`` (pyarrow is needed only for URIs and parquet files: ``pip install 'persam[ray]'``).
-:func:`expand_sources` is the one place where SOURCEs are expanded; :func:`read_image_bytes`,
-:func:`load_image` and :func:`image_sha256` read any of them.
+An image is a regular file named with one of :data:`IMAGE_EXTENSIONS` (a GIF: its first frame);
+a target that does not exist is an error, one that is not a regular file (a FIFO) is skipped with
+a note, and the listing of one SOURCE is bounded (:class:`ExpansionLimits`).
+
+:func:`expand_sources` is the one place where SOURCEs are expanded, for the command line and both
+engines, and :func:`expand_targets` (local files, folders and patterns only) is the same code for
+the page's server folders; :func:`read_image_bytes`, :func:`load_image` and :func:`image_sha256`
+read any of them.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import hashlib
+import os
 import re
+import stat
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -32,9 +45,12 @@ import numpy as np
 
 from .io import InputError
 
-__all__ = ["LIST_SUFFIXES", "PARQUET_SUFFIXES", "UriPath", "expand_sources", "image_sha256", "is_uri",
-           "load_image", "read_image_bytes", "image_stat"]
+__all__ = ["IMAGE_EXTENSIONS", "LIST_SUFFIXES", "PARQUET_SUFFIXES", "ExpansionLimits", "Note", "UriPath",
+           "expand_sources", "expand_targets", "image_sha256", "is_uri", "load_image", "read_image_bytes",
+           "image_stat"]
 
+# What a folder or a pattern takes as images (Pillow reads them all; of a GIF, the first frame).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 LIST_SUFFIXES = (".txt", ".lst", ".list")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 PATH_COLUMNS = ("path", "image", "uri", "file")
@@ -178,10 +194,7 @@ def read_image_bytes(path: ImagePath) -> bytes:
         except Exception as exc:
             raise InputError(f"image {path}: cannot read ({_one_line(exc)})") from None
     p = Path(path)
-    if not p.exists():
-        raise InputError(f"image {p}: file not found")
-    if p.is_dir():
-        raise InputError(f"image {p}: is a folder, not an image file")
+    _check_regular(p)
     try:
         return p.read_bytes()
     except OSError as exc:
@@ -194,8 +207,23 @@ def load_image(path: ImagePath, data: Optional[bytes] = None) -> np.ndarray:
     from . import io
 
     if data is None and not isinstance(path, UriPath):
+        _check_regular(Path(path))
         return io.load_image(path)
     return io.load_image(path, data=read_image_bytes(path) if data is None else data)
+
+
+def _check_regular(p: Path) -> None:
+    """InputError unless `p` is a regular file (reading a FIFO would wait for a writer for ever)."""
+    try:
+        mode = os.stat(p).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise InputError(f"image {p}: file not found") from None
+    except OSError as exc:
+        raise InputError(f"image {p}: cannot read ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(mode):
+        raise InputError(f"image {p}: is a folder, not an image file")
+    if not stat.S_ISREG(mode):
+        raise InputError(f"image {p}: not a regular file ({_file_kind(mode)})")
 
 
 def image_sha256(path: ImagePath) -> Optional[str]:
@@ -241,53 +269,401 @@ def image_stat(path: ImagePath) -> Optional[List[int]]:
 # expanding SOURCEs
 
 
-def _is_image_name(name: str) -> bool:
-    from .run import IMAGE_EXTENSIONS
+@dataclass(frozen=True)
+class ExpansionLimits:
+    """How far one SOURCE may be expanded: at most `max_entries` files and folders listed and
+    `max_seconds` spent listing them.  A `**` over a huge tree or a hung network file system is
+    refused with a message naming the SOURCE instead of listing for ever."""
 
+    max_entries: int = 1_000_000
+    max_seconds: float = 120.0
+
+
+class Note(str):
+    """A message of the expansion about something skipped on purpose (not a regular file, not an
+    image format, a subfolder of a folder): a note, where the other messages are warnings."""
+
+
+class _Budget:
+    """The listing done for one SOURCE, against its :class:`ExpansionLimits`."""
+
+    def __init__(self, source: str, limits: ExpansionLimits) -> None:
+        self.source, self.limits = source, limits
+        self.entries = 0
+        self.deadline = time.monotonic() + limits.max_seconds
+
+    def spend(self, entries: int = 1) -> None:
+        self.entries += entries
+        if self.entries > self.limits.max_entries:
+            why = f"{self.limits.max_entries:,} files and folders"
+        elif time.monotonic() > self.deadline:
+            why = f"{self.limits.max_seconds:g} s"
+        else:
+            return
+        raise InputError(f"target {self.source}: stopped listing it after {why} (the limit against endless "
+                         f"listings); give a narrower folder or pattern, or a text file of the image paths")
+
+
+def _plural(n: int, word: str, plural: Optional[str] = None) -> str:
+    return f"{n} {word if n == 1 else plural or word + 's'}"
+
+
+@dataclass
+class _Skipped:
+    """What a listing left out, for its one note."""
+
+    formats: Counter = field(default_factory=Counter)  # files of other formats, by extension
+    special: int = 0  # entries that are not regular files (FIFO, socket, device, link to nothing)
+    folders: int = 0  # subfolders of a folder (not searched)
+    unreadable: int = 0  # folders that could not be listed
+
+    def note(self, where: str, pattern: str) -> Optional[Note]:
+        parts = []
+        if self.formats:
+            kinds = ", ".join(f"{ext} {n}" for ext, n in sorted(self.formats.items(), key=lambda kv: (-kv[1], kv[0])))
+            parts.append(f"{_plural(sum(self.formats.values()), 'file')} not in an image format ({kinds})")
+        if self.special == 1:
+            parts.append("1 entry that is not a regular file (a FIFO, socket, device or link to nothing)")
+        elif self.special:
+            parts.append(f"{self.special} entries that are not regular files (FIFOs, sockets, devices or links "
+                         f"to nothing)")
+        if self.folders:
+            parts.append(f"{_plural(self.folders, 'subfolder')}, not searched (give '{pattern}' to include them)")
+        if self.unreadable:
+            parts.append(f"{_plural(self.unreadable, 'folder')} that could not be listed")
+        return Note(f"{where}: skipped {'; '.join(parts)}") if parts else None
+
+    def count_file(self, name: str) -> None:
+        if not name.startswith("."):  # .DS_Store and the like are not worth a word
+            self.formats[PurePosixPath(name).suffix.lower() or "(no extension)"] += 1
+
+
+def _is_image_name(name: str) -> bool:
     return PurePosixPath(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def expand_sources(specs: Sequence[str]) -> Tuple[List[ImagePath], List[str]]:
-    """Image paths named by `specs` (see the module doc), without duplicates, and warnings for
-    specs that name nothing.  A file or URI that does not exist is kept (reported as an error
-    when it is loaded).  InputError for a text or parquet file that cannot be read."""
-    from .run import expand_targets
+def expand_sources(specs: Sequence[str], limits: Optional[ExpansionLimits] = None
+                   ) -> Tuple[List[ImagePath], List[str]]:
+    """Image paths named by `specs` (see the module doc), without duplicates, and messages: warnings
+    for specs that name nothing, and :class:`Note`s for what a folder or pattern skipped.
 
-    paths: List[ImagePath] = []
-    warnings: List[str] = []
-    seen = set()
+    InputError (one line) for a target that does not exist (a file, folder or URI named on its own
+    or in a text or parquet file), for a text or parquet file that cannot be read, and for a SOURCE
+    whose listing passes `limits`.  A folder reached twice (a symbolic link) is listed once, and
+    only regular files are taken (a FIFO would block its reader)."""
+    return _Expansion(limits, lists=True).run(specs)
 
-    def add(found: Sequence[ImagePath]) -> None:
+
+def expand_targets(specs: Sequence[str], limits: Optional[ExpansionLimits] = None
+                   ) -> Tuple[List[Path], List[str]]:
+    """Local image paths named by `specs`: files, folders (their images, sorted), glob patterns
+    (the matching images, sorted); no text or parquet files, no URIs (what the page reads from
+    server folders).  Messages and limits as :func:`expand_sources`; a path that does not exist is
+    kept, for the caller to report."""
+    return _Expansion(limits, lists=False).run(specs)
+
+
+class _Expansion:
+    """One expansion: the paths found (each once), the messages, the targets that do not exist."""
+
+    def __init__(self, limits: Optional[ExpansionLimits], lists: bool) -> None:
+        self.limits = limits or ExpansionLimits()
+        self.lists = lists  # text and parquet files and URIs are read; a missing target is an error
+        self.paths: List[ImagePath] = []
+        self.messages: List[str] = []
+        self.missing: List[str] = []
+        self.seen: set = set()
+
+    def run(self, specs: Sequence[str]):
+        for spec in specs:
+            self.expand(str(spec), None, None, _Budget(str(spec), self.limits))
+        if self.missing:
+            first = self.missing[0]
+            more = f" (and {len(self.missing) - 1} more: {', '.join(self.missing[1:4])}" \
+                   f"{', ...' if len(self.missing) > 4 else ''})" if len(self.missing) > 1 else ""
+            raise InputError(f"target {first}: no such file or folder{more}")
+        return self.paths, self.messages
+
+    def add(self, found: Sequence[ImagePath]) -> None:
         for p in found:
             key = str(p) if isinstance(p, UriPath) else (str(p.resolve()) if p.exists() else str(p))
-            if key not in seen:
-                seen.add(key)
-                paths.append(p)
+            if key not in self.seen:
+                self.seen.add(key)
+                self.paths.append(p)
 
-    def expand(spec: str, base: Optional[Path], nested: bool) -> None:
-        if is_uri(spec):
-            found, warning = _expand_uri(spec)
-            add(found)
-            warnings.extend([warning] if warning else [])
+    def expand(self, spec: str, base: Optional[Path], listed_in: Optional[Path], budget: _Budget) -> None:
+        budget.source = spec if listed_in is None else f"{spec} (listed in {listed_in})"  # for its message
+        if self.lists and is_uri(spec):
+            local = UriPath(spec).local_path() if spec.lower().startswith("file://") else None
+            if local is None:
+                self._expand_uri(spec, budget, listed_in)
+            else:  # through the local walker: symbolic links and FIFOs are handled there
+                self._expand_local(spec, local, budget, listed_in, lambda q: UriPath(f"file://{q}"))
             return
         p = Path(spec).expanduser()
         if base is not None and not p.is_absolute():
             p = base / p
         suffix = p.suffix.lower()
-        if not nested and p.is_file() and suffix in LIST_SUFFIXES + PARQUET_SUFFIXES:
+        if self.lists and listed_in is None and suffix in LIST_SUFFIXES + PARQUET_SUFFIXES and _is_regular(p):
             entries = _read_list(p) if suffix in LIST_SUFFIXES else _read_parquet(p)
             if not entries:
-                warnings.append(f"{p} lists no images")
+                self.messages.append(f"{p} lists no images")
             for entry in entries:
-                expand(entry, p.parent, nested=True)
+                self.expand(entry, p.parent, p, budget)
             return
-        found, more = expand_targets([str(p)])
-        add(found)
-        warnings.extend(more)
+        self._expand_local(spec, p, budget, listed_in, lambda q: q)
 
-    for spec in specs:
-        expand(str(spec), None, nested=False)
-    return paths, warnings
+    def _missing(self, name: str, listed_in: Optional[Path]) -> None:
+        self.missing.append(f"{name} (listed in {listed_in})" if listed_in is not None else name)
+
+    def _expand_local(self, spec: str, p: Path, budget: _Budget, listed_in: Optional[Path], wrap) -> None:
+        """A local file, folder or glob pattern; `wrap` makes each path found what is returned."""
+        if _GLOB_CHARS & set(spec) and not os.path.lexists(p):
+            found, skipped = _glob_local(str(p), budget)
+            self.add([wrap(q) for q in found])
+            if not found:
+                self.messages.append(f"pattern {spec} matches no images")
+            note = skipped.note(f"pattern {spec}", _recursive_hint(spec))
+            if note:
+                self.messages.append(note)
+            return
+        try:
+            mode = os.stat(p).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            if self.lists:
+                self._missing(str(wrap(p)), listed_in)
+            else:
+                self.add([p])
+            return
+        except OSError as exc:  # a loop of symbolic links, no permission to look
+            raise InputError(f"target {wrap(p)}: cannot read ({exc.strerror or exc})") from None
+        if stat.S_ISDIR(mode):
+            found, skipped = _list_folder(p, budget)
+            self.add([wrap(q) for q in found])
+            if not found:
+                self.messages.append(f"folder {wrap(p)} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            note = skipped.note(f"folder {wrap(p)}", f"{wrap(p / '**' / '*')}")
+            if note:
+                self.messages.append(note)
+        elif stat.S_ISREG(mode):
+            self.add([wrap(p)])
+        else:
+            self.messages.append(Note(f"skipping {wrap(p)}: not a regular file ({_file_kind(mode)})"))
+
+    def _expand_uri(self, uri: str, budget: _Budget, listed_in: Optional[Path]) -> None:
+        """An object-store URI's images: a folder's (sorted), a glob's (sorted) or the one file."""
+        pafs = _pyarrow_fs()
+        scheme, _, rest = uri.partition("://")
+        glob_at = next((i for i, ch in enumerate(rest) if ch in _GLOB_CHARS), None)
+        if glob_at is None:
+            target = UriPath(uri)
+            info = target.info()
+            if info.type == pafs.FileType.NotFound:
+                self._missing(uri, listed_in)
+            elif info.type == pafs.FileType.Directory:
+                files, skipped = _list(target, recursive=False, budget=budget)
+                found = [f for f in files if _is_image_name(f.name)]
+                for f in files:
+                    if not _is_image_name(f.name):
+                        skipped.count_file(f.name)
+                self.add(found)
+                if not found:
+                    self.messages.append(f"folder {uri} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+                note = skipped.note(f"folder {uri}", f"{uri.rstrip('/')}/**/*")
+                if note:
+                    self.messages.append(note)
+            else:
+                self.add([target])
+            return
+        folder = rest[:glob_at].rsplit("/", 1)[0]
+        base = UriPath(f"{scheme}://{folder}")
+        recursive = "**" in rest or "/" in rest[len(folder) + 1:]
+        files, skipped = (_list(base, recursive=recursive, budget=budget)
+                          if base.info().type == pafs.FileType.Directory else ([], _Skipped()))
+        prefix = f"{scheme}://"
+        matching = [f for f in files if _glob_match(f.uri[len(prefix):], rest)]
+        found = [f for f in matching if _is_image_name(f.name)]
+        for f in matching:
+            if not _is_image_name(f.name):
+                skipped.count_file(f.name)
+        skipped.folders = 0  # a pattern's folders are not "not searched"
+        self.add(found)
+        if not found:
+            self.messages.append(f"pattern {uri} matches no images")
+        note = skipped.note(f"pattern {uri}", "")
+        if note:
+            self.messages.append(note)
+
+
+def _is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a file or a folder"
+
+
+def _entry_kind(entry: os.DirEntry) -> str:
+    """'dir', 'file' (a regular file) or 'other', following symbolic links; 'other' when unknown."""
+    try:
+        if entry.is_dir():
+            return "dir"
+        return "file" if entry.is_file() else "other"
+    except OSError:
+        return "other"
+
+
+def _list_folder(folder: Path, budget: _Budget) -> Tuple[List[Path], _Skipped]:
+    """A folder's image files (regular files with an image extension), sorted, and what was left out."""
+    images, skipped = [], _Skipped()
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                budget.spend()
+                kind = _entry_kind(entry)
+                if kind == "dir":
+                    skipped.folders += not entry.name.startswith(".")
+                elif kind == "other":
+                    skipped.special += 1
+                elif _is_image_name(entry.name):
+                    images.append(folder / entry.name)
+                else:
+                    skipped.count_file(entry.name)
+    except OSError as exc:
+        raise InputError(f"folder {folder}: cannot list it ({exc.strerror or exc})") from None
+    return sorted(images), skipped
+
+
+def _recursive_hint(pattern: str) -> str:
+    head = pattern.split("*", 1)[0].rsplit("/", 1)[0]
+    return f"{head}/**/*" if head else "**/*"
+
+
+def _glob_local(pattern: str, budget: _Budget) -> Tuple[List[Path], _Skipped]:
+    """The regular image files matching a local glob pattern, sorted (``*``, ``?`` and ``[...]``
+    within one name, ``**`` any folders below; hidden names only where the pattern spells the dot,
+    as :func:`glob.glob`), and what matched but was left out.
+
+    The folders are walked breadth first from the pattern's last folder before a wildcard.  Below a
+    ``**`` each folder is entered once: one reached again (the same device and inode, through a
+    symbolic link) is not listed again, so loops end and each file is found once (under the path
+    found first: real folders before links).  Above a ``**`` the pattern's names bound the depth."""
+    parts = pattern.split("/")
+    first = next(i for i, part in enumerate(parts) if _GLOB_CHARS & set(part))
+    root = "/".join(parts[:first]) or ("/" if pattern.startswith("/") else "")
+    prefix = root if not root or root.endswith("/") else root + "/"
+    names = parts[first:]
+    deep_from = names.index("**") if "**" in names else None
+    dotted = any(name.startswith(".") for name in names[deep_from or 0:])  # may name a hidden folder below **
+    matcher = _pattern_regex(names, hidden_ok=False)
+    steps = [None if name == "**" else _pattern_regex([name], hidden_ok=False) for name in names]
+
+    def may_enter(depth: int, name: str) -> bool:  # a folder `depth` levels below the root
+        if deep_from is not None and depth >= deep_from:
+            return dotted or not name.startswith(".")
+        return depth < len(names) - 1 and steps[depth].fullmatch(name) is not None
+
+    found, skipped = [], _Skipped()
+    try:
+        start = os.stat(root or ".")
+    except OSError:
+        return found, skipped
+    if not stat.S_ISDIR(start.st_mode):
+        return found, skipped
+    visited = {(start.st_dev, start.st_ino)}
+    queue = deque([(root or ".", "", 0)])  # (folder to list, its path below the root + "/", depth)
+    while queue:
+        folder, below, depth = queue.popleft()
+        entries = []
+        try:
+            with os.scandir(folder) as it:
+                for entry in it:
+                    budget.spend()
+                    entries.append(entry)
+        except OSError:
+            skipped.unreadable += 1
+            continue
+        entries.sort(key=lambda e: e.name)
+        subfolders = []
+        for entry in entries:
+            kind, rel = _entry_kind(entry), below + entry.name
+            if kind == "dir":
+                if may_enter(depth, entry.name):
+                    subfolders.append(entry)
+                elif deep_from is None and matcher.fullmatch(rel):
+                    skipped.folders += 1
+            elif matcher.fullmatch(rel):
+                if kind == "other":
+                    skipped.special += 1
+                elif _is_image_name(entry.name):
+                    found.append(Path(prefix + rel))
+                else:
+                    skipped.count_file(entry.name)
+        # Below a ** a folder is entered once (real folders first, so that a link to a sibling is
+        # the one left out); above it the pattern's depth bounds the walk, and every path is tried.
+        for entry in sorted(subfolders, key=lambda e: e.is_symlink()):
+            try:
+                st = entry.stat()
+            except OSError:
+                skipped.unreadable += 1
+                continue
+            if (st.st_dev, st.st_ino) in visited and deep_from is not None and depth >= deep_from:
+                continue
+            visited.add((st.st_dev, st.st_ino))
+            queue.append((entry.path, below + entry.name + "/", depth + 1))
+    return sorted(found), skipped
+
+
+def _name_regex(name: str, hidden_ok: bool) -> str:
+    """One file or folder name of a glob pattern as a regular expression (never matching '/')."""
+    regex, i, n = "" if hidden_ok or name.startswith(".") else r"(?!\.)", 0, len(name)
+    while i < n:
+        ch = name[i]
+        if ch == "*":
+            regex, i = regex + "[^/]*", i + 1
+        elif ch == "?":
+            regex, i = regex + "[^/]", i + 1
+        elif ch == "[":
+            j = i + 1
+            j += j < n and name[j] == "!"
+            j += j < n and name[j] == "]"
+            while j < n and name[j] != "]":
+                j += 1
+            if j >= n:  # no closing bracket: a plain "["
+                regex, i = regex + re.escape(ch), i + 1
+            else:  # a set, as fnmatch reads it, that never matches "/"
+                regex, i = regex + "(?!/)" + fnmatch.translate(name[i:j + 1])[4:-3], j + 1
+        else:
+            regex, i = regex + re.escape(ch), i + 1
+    return regex
+
+
+def _pattern_regex(names: Sequence[str], hidden_ok: bool) -> "re.Pattern":
+    """A glob pattern split at '/' as one regular expression over '/'-separated paths: ``**`` as a
+    whole name is any number of folders (a file, when it is the last name).  Without `hidden_ok`
+    a wildcard matches a name starting with '.' only where the pattern's name starts with '.'."""
+    segment = "[^/]+" if hidden_ok else r"(?!\.)[^/]+"
+    regex = ""
+    for i, name in enumerate(names):
+        last = i == len(names) - 1
+        if name == "**":
+            regex += f"(?:{segment}/)*{segment}" if last else f"(?:{segment}/)*"
+        else:
+            regex += _name_regex(name, hidden_ok) + ("" if last else "/")
+    return re.compile(regex, re.DOTALL)
+
+
+def _glob_match(path: str, pattern: str) -> bool:
+    """Glob matching of '/'-separated paths (an object store's): * and ? stay within one name, a
+    whole ``**`` spans folders."""
+    return _pattern_regex(pattern.split("/"), hidden_ok=True).fullmatch(path) is not None
 
 
 def _read_list(path: Path) -> List[str]:
@@ -323,65 +699,24 @@ def _read_parquet(path: Path) -> List[str]:
     return [v.strip() for v in values if v and v.strip()]
 
 
-def _expand_uri(uri: str) -> Tuple[List[UriPath], Optional[str]]:
-    """A URI's images: a folder's (sorted), a glob's (sorted) or the one file; and a warning."""
-    pafs = _pyarrow_fs()
-    scheme, _, rest = uri.partition("://")
-    glob_at = next((i for i, ch in enumerate(rest) if ch in _GLOB_CHARS), None)
-    if glob_at is None:
-        target = UriPath(uri)
-        info = target.info()
-        if info.type == pafs.FileType.Directory:
-            files = _list(target, recursive=False)
-            found = [f for f in files if _is_image_name(f.name)]
-            return found, None if found else f"folder {uri} holds no images"
-        return [target], None  # a file, or missing (reported when it is loaded)
-    folder = rest[:glob_at].rsplit("/", 1)[0]
-    pattern = rest
-    base = UriPath(f"{scheme}://{folder}")
-    recursive = "**" in pattern or "/" in rest[len(folder) + 1:]
-    files = _list(base, recursive=recursive) if base.info().type == pafs.FileType.Directory else []
-    prefix = f"{scheme}://"
-    found = [f for f in files if _is_image_name(f.name) and _glob_match(f.uri[len(prefix):], pattern)]
-    return found, None if found else f"pattern {uri} matches no images"
-
-
-def _glob_match(path: str, pattern: str) -> bool:
-    """fnmatch where * and ? stay within one folder and ** spans folders."""
-    regex, i = "", 0
-    while i < len(pattern):
-        if pattern.startswith("**/", i):
-            regex, i = regex + "(?:.*/)?", i + 3
-        elif pattern.startswith("**", i):
-            regex, i = regex + ".*", i + 2
-        elif pattern[i] == "*":
-            regex, i = regex + "[^/]*", i + 1
-        elif pattern[i] == "?":
-            regex, i = regex + "[^/]", i + 1
-        elif pattern[i] == "[":
-            end = pattern.find("]", i + 1)
-            if end < 0:
-                regex, i = regex + re.escape("["), i + 1
-            else:
-                regex, i = regex + fnmatch.translate(pattern[i:end + 1])[4:-3], end + 1
-        else:
-            regex, i = regex + re.escape(pattern[i]), i + 1
-    return re.fullmatch(regex, path) is not None
-
-
-def _list(folder: UriPath, recursive: bool) -> List[UriPath]:
-    """The files under a URI folder, sorted by URI, with their sizes and times remembered."""
+def _list(folder: UriPath, recursive: bool, budget: _Budget) -> Tuple[List[UriPath], _Skipped]:
+    """The files under a URI folder, sorted by URI, with their sizes and times remembered; and
+    the subfolders left out (not `recursive`)."""
     pafs = _pyarrow_fs()
     fs, path = folder.filesystem()
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive))
     except Exception as exc:
         raise InputError(f"cannot list {folder}: {_one_line(exc)}") from None
+    budget.spend(len(infos))
     # the URI of each file: the folder's URI with the part below the listed folder appended
-    out = []
+    out, skipped = [], _Skipped()
     for info in infos:
-        if info.type != pafs.FileType.File:
-            continue
-        below = info.path[len(path):].lstrip("/") if info.path.startswith(path) else info.base_name
-        out.append(UriPath(f"{folder.uri.rstrip('/')}/{below}", info))
-    return sorted(out, key=lambda u: u.uri)
+        if info.type == pafs.FileType.Directory:
+            skipped.folders += not recursive and not info.base_name.startswith(".")
+        elif info.type != pafs.FileType.File:
+            skipped.special += 1
+        else:
+            below = info.path[len(path):].lstrip("/") if info.path.startswith(path) else info.base_name
+            out.append(UriPath(f"{folder.uri.rstrip('/')}/{below}", info))
+    return sorted(out, key=lambda u: u.uri), skipped

@@ -16,8 +16,12 @@ START+K, ... before END are processed.  Into DIR go, each written atomically:
                         --ref-labels a palette PNG of the object ids (as the label map)
     overlay.mp4         the processed frames with the objects tinted (colour of their id in the
                         DAVIS palette) and frames where an object is absent marked; the video's
-                        size, its fps divided by K.  Written as .overlay.partial.mp4 and renamed
-                        when complete; rebuilt from the frames and the masks when a run resumes
+                        size (an odd width or height made even), its fps divided by K; H.264
+                        (PyAV's libx264), which browsers play.  Where PyAV cannot write H.264,
+                        overlay.webm (VP9 or VP8, through OpenCV) instead; results.json
+                        ``overlay`` names the file and codec.  Written as .overlay.partial.mp4
+                        (.webm) and renamed when complete; rebuilt from the frames and the masks
+                        when a run resumes
     reference_mask.png  the reference mask SAM made from --ref-point / --ref-box
     results.json        per processed frame and object: found, peak similarity, predicted IoU,
                         box; time per frame; strict JSON, rewritten as the run goes
@@ -35,12 +39,14 @@ keeps what was done, says at which frame it stopped (results.json ``stopped``) a
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import sys
 import time
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -51,15 +57,16 @@ from .io import InputError, atomic_save_png, atomic_write_text, davis_palette, l
 from .run import IMAGE_EXTENSIONS, LOCK_FILE, RESULTS_FILE, _differences, _strict_json, output_lock, settings_key
 
 __all__ = ["FrameSource", "FrameStop", "Reference", "TrackOptions", "open_video", "run_track", "track_command",
-           "overlay_frame", "OVERLAY_FILE", "TRACK_FORMAT"]
+           "overlay_frame", "overlay_file_name", "OVERLAY_FILE", "WEBM_OVERLAY_FILE", "TRACK_FORMAT"]
 
 TRACK_FORMAT = "persam-track"
 TRACK_VERSION = 1
-OVERLAY_FILE = "overlay.mp4"
-PARTIAL_OVERLAY_FILE = ".overlay.partial.mp4"  # OpenCV picks the container by the extension
+OVERLAY_FILE = "overlay.mp4"  # H.264 (PyAV's libx264); where PyAV has no H.264 encoder, WEBM_OVERLAY_FILE
+WEBM_OVERLAY_FILE = "overlay.webm"  # VP9 (else VP8) through OpenCV's FFmpeg
+OVERLAY_FILES = (OVERLAY_FILE, WEBM_OVERLAY_FILE)
+PLAYABLE_CODECS = ("h264", "vp9", "vp8")  # an overlay recorded with another codec (or none: mp4v) is written again
 REFERENCE_MASK_FILE = "reference_mask.png"
 DEFAULT_FPS = 24.0  # of a folder of frames (DAVIS's)
-OVERLAY_FOURCC = "mp4v"
 BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}]"  # frames/s, even < 1
 SAVE_EVERY_S = 1.0  # results.json is rewritten at most this often while frames are done (and at the end)
 
@@ -335,77 +342,153 @@ def read_reference(args, source: FrameSource) -> Reference:
 def overlay_frame(frame: np.ndarray, label_map: np.ndarray, ids: Sequence[int], found: Dict[int, bool],
                   reference: bool = False) -> np.ndarray:
     """`frame` (RGB uint8) with each object tinted in its id's DAVIS palette colour and outlined;
-    a red border and "not found" where an object is absent; "reference" on the reference frame."""
-    import cv2
+    a red frame and "not found" where an object is absent; "reference" on the reference frame
+    (drawn by persam.visualize, as the overlays of `persam segment`)."""
+    from . import visualize
 
-    palette = davis_palette()
-    out = frame.astype(np.float32)
-    h, w = frame.shape[:2]
-    for i in ids:
-        m = label_map == i
-        out[m] = out[m] * 0.5 + palette[i].astype(np.float32) * 0.5
-    out = np.ascontiguousarray(np.clip(out + 0.5, 0, 255).astype(np.uint8))
-    thickness = max(1, round(max(h, w) / 400))
-    for i in ids:
-        m = (label_map == i).astype(np.uint8)
-        if m.any():
-            contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-            cv2.drawContours(out, contours, -1, tuple(int(c) for c in palette[i]), thickness)
+    ids = list(ids)
+    out = visualize.overlay(frame, [label_map == i for i in ids], colors=davis_palette()[ids])
     missing = [i for i in ids if not found.get(i, False)]
     notes = []
     if missing:
-        border = max(2, round(max(h, w) / 120))
-        cv2.rectangle(out, (0, 0), (w - 1, h - 1), (255, 0, 0), border)
-        notes.append(("not found" if len(ids) == 1 else "not found: " + ", ".join(f"object {i}" for i in missing),
-                      (255, 64, 64)))
+        notes.append((visualize.NOT_FOUND if len(ids) == 1 else
+                      f"{visualize.NOT_FOUND}: " + ", ".join(f"object {i}" for i in missing), visualize.NOT_FOUND_TEXT))
     if reference:
-        notes.append(("reference", (255, 255, 255)))
-    scale = max(0.35, max(h, w) / 1400)
-    y = 0
-    for text, colour in notes:
-        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, max(1, round(scale * 2)))
-        pad = max(3, th // 3)
-        cv2.rectangle(out, (0, y), (tw + 2 * pad, y + th + base + 2 * pad), (0, 0, 0), -1)
-        cv2.putText(out, text, (pad, y + pad + th), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, max(1, round(scale * 2)),
-                    cv2.LINE_AA)
-        y += th + base + 2 * pad
-    return out
+        notes.append(("reference", visualize.NOTE_TEXT))
+    return visualize.annotate(out, notes, red_frame=bool(missing)) if notes else out
+
+
+H264_ENCODER = "libx264"
+WEBM_FOURCCS = (("VP90", "vp9"), ("VP80", "vp8"))  # OpenCV's, tried in this order
+
+
+def partial_overlay_name(name: str) -> str:
+    """The temporary name an overlay is written under: .overlay.partial.mp4 for overlay.mp4."""
+    stem, _, suffix = name.rpartition(".")
+    return f".{stem}.partial.{suffix}"
+
+
+def _pyav_h264() -> Optional[str]:
+    """Why PyAV cannot write H.264 in MP4 here (not installed, no libx264 in its FFmpeg), or None when it can:
+    one frame is encoded into memory to find out."""
+    try:
+        import av
+    except ImportError:
+        return "PyAV (the av package) is not installed"
+    try:
+        with av.open(io.BytesIO(), "w", format="mp4") as container:
+            stream = container.add_stream(H264_ENCODER, rate=24)
+            stream.width, stream.height, stream.pix_fmt = 16, 16, "yuv420p"
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8), format="rgb24")):
+                container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+    except Exception as exc:  # noqa: BLE001 - an FFmpeg build without the encoder fails in several ways
+        return f"PyAV {getattr(av, '__version__', '')} cannot encode with {H264_ENCODER}: {exc}"
+    return None
+
+
+def overlay_file_name() -> Tuple[str, Optional[str]]:
+    """The overlay's name here, and why it is not overlay.mp4 (None when it is): overlay.mp4 (H.264, what
+    every browser and player plays) where PyAV can write it, else overlay.webm (VP9 or VP8 through OpenCV)."""
+    why = _pyav_h264()
+    return (OVERLAY_FILE, None) if why is None else (WEBM_OVERLAY_FILE, why)
 
 
 class _OverlayWriter:
-    """overlay.mp4 written under a temporary name and renamed when complete (removed when not)."""
+    """An overlay video written under a temporary name and renamed when complete (removed when not).
 
-    def __init__(self, out_dir: Path, fps: float, size: Tuple[int, int]) -> None:
-        import cv2
+    overlay.mp4: H.264 (libx264 through PyAV), yuv420p, the index at the start (faststart) so that a
+    browser plays it while it loads.  overlay.webm: VP9, else VP8, through OpenCV.  Both need an even
+    width and height: a frame of odd width or height gets a copy of its last column or row."""
 
-        self.partial = out_dir / PARTIAL_OVERLAY_FILE
-        self.final = out_dir / OVERLAY_FILE
+    def __init__(self, out_dir: Path, name: str, fps: float, size: Tuple[int, int]) -> None:
+        self.final = out_dir / name
+        self.partial = out_dir / partial_overlay_name(name)
         if os.path.lexists(self.partial):
             self.partial.unlink()
-        self.writer = cv2.VideoWriter(str(self.partial), cv2.VideoWriter_fourcc(*OVERLAY_FOURCC), fps, size)
-        if not self.writer.isOpened():
-            self.writer.release()
-            raise InputError(f"cannot write the overlay video {self.partial} (OpenCV has no {OVERLAY_FOURCC} mp4 "
-                             f"encoder here, or the folder is not writable)")
+        w, h = size
+        self.size = (w + w % 2, h + h % 2)
         self.frames = 0
+        self.container = self.stream = self.writer = None
+        if name == OVERLAY_FILE:
+            self._open_h264(fps)
+        else:
+            self._open_webm(fps)
 
-    def write(self, rgb: np.ndarray) -> None:
+    def _open_h264(self, fps: float) -> None:
+        import av
+
+        self.codec = "h264"
+        try:
+            self.container = av.open(str(self.partial), "w", format="mp4", options={"movflags": "+faststart"})
+            # swscale turns the RGB frames into BT.601 limited-range YUV: say so in the stream
+            self.stream = self.container.add_stream(H264_ENCODER, rate=Fraction(fps).limit_denominator(1001),
+                                                    options={"colorspace": "smpte170m", "color_range": "tv"})
+            self.stream.width, self.stream.height = self.size
+            self.stream.pix_fmt = "yuv420p"
+        except (OSError, ValueError, av.error.FFmpegError) as exc:
+            self.abandon()
+            raise InputError(f"cannot write the overlay video {self.partial} ({exc})") from None
+
+    def _open_webm(self, fps: float) -> None:
         import cv2
 
-        self.writer.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+        for fourcc, codec in WEBM_FOURCCS:
+            self.writer = cv2.VideoWriter(str(self.partial), cv2.VideoWriter_fourcc(*fourcc), fps, self.size)
+            if self.writer.isOpened():
+                self.codec = codec
+                return
+            self.writer.release()
+        self.writer = None
+        self.abandon()
+        raise InputError(f"cannot write the overlay video {self.partial} (neither PyAV with {H264_ENCODER} nor "
+                         f"OpenCV with VP9 or VP8 can encode here, or the folder is not writable)")
+
+    def write(self, rgb: np.ndarray) -> None:
+        h, w = rgb.shape[:2]
+        if (w, h) != self.size:
+            rgb = np.pad(rgb, ((0, self.size[1] - h), (0, self.size[0] - w), (0, 0)), mode="edge")
+        if self.stream is not None:
+            import av
+
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+            frame.pts = self.frames
+            for packet in self.stream.encode(frame):
+                self.container.mux(packet)
+        else:
+            import cv2
+
+            self.writer.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
         self.frames += 1
 
-    def finish(self) -> None:
-        self.writer.release()
+    def finish(self) -> bool:
+        """Rename the complete video to its name; False (and nothing written) when it has no frame."""
+        if self.frames == 0:
+            self.abandon()
+            return False
+        if self.stream is not None:
+            for packet in self.stream.encode():  # what the encoder holds back
+                self.container.mux(packet)
+            self.container.close()  # faststart: moves the index to the front
+        else:
+            self.writer.release()
         fd = os.open(self.partial, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(self.partial, self.final)
+        return True
 
     def abandon(self) -> None:
-        self.writer.release()
+        try:
+            if self.container is not None:
+                self.container.close()
+            if self.writer is not None:
+                self.writer.release()
+        except Exception:  # noqa: BLE001 - the partial file goes anyway
+            pass
         if os.path.lexists(self.partial):
             self.partial.unlink()
 
@@ -502,7 +585,9 @@ class _TrackFolder:
                             and (out_dir / r["mask"]).is_file()}
             self.stopped = earlier.get("stopped") if isinstance(earlier.get("stopped"), dict) else None
             overlay = earlier.get("overlay")
-            if isinstance(overlay, dict) and OVERLAY_FILE in self.files and (out_dir / OVERLAY_FILE).is_file():
+            if isinstance(overlay, dict) and (overlay.get("frames") == [] or (
+                    overlay.get("file") in OVERLAY_FILES and overlay["file"] in self.files
+                    and (out_dir / overlay["file"]).is_file())):
                 self.overlay = overlay
 
     def refuse_foreign(self, names: Sequence[str]) -> None:
@@ -625,9 +710,10 @@ def run_track(
               "reference": reference.describe, "every": options.every, "start": options.start, "end": stop,
               "min_similarity": options.min_similarity}
 
+    overlay_name, not_mp4 = overlay_file_name()
     with output_lock(out_dir):
         folder = _TrackFolder(out_dir, made_with, header, options.overwrite, log)
-        outputs = [names[i] for i in plan] + [OVERLAY_FILE, PARTIAL_OVERLAY_FILE]
+        outputs = [names[i] for i in plan] + [overlay_name, partial_overlay_name(overlay_name)]
         if reference.masks is None and reference.kind != "concept":
             outputs.append(REFERENCE_MASK_FILE)
         folder.refuse_foreign(outputs)
@@ -636,7 +722,8 @@ def run_track(
         stopped_at = folder.stopped.get("frame") if folder.stopped else None
         reachable = [i for i in plan if stopped_at is None or i < stopped_at]
         first_missing = next((k for k, i in enumerate(reachable) if i not in folder.records), None)
-        overlay_done = folder.overlay is not None and folder.overlay.get("frames") == reachable
+        overlay_done = folder.overlay is not None and folder.overlay.get("frames") == reachable and (
+            not reachable or folder.overlay.get("codec") in PLAYABLE_CODECS)  # an older persam's mp4v: again
         if first_missing is None and overlay_done:
             data = folder.save()
             if folder.stopped:
@@ -653,7 +740,10 @@ def run_track(
         if done_before:
             log(f"resuming at frame {plan[done_before] if done_before < len(plan) else plan[-1]}: "
                 f"{done_before} frame(s) already done in {out_dir}")
-        writer = _OverlayWriter(out_dir, fps, source.size)
+        writer = _OverlayWriter(out_dir, overlay_name, fps, source.size)
+        if not_mp4:
+            log(f"persam: note: the overlay video is {overlay_name} ({writer.codec.upper()}: browsers play it, some "
+                f"players do not) as {not_mp4}; pip install av for {OVERLAY_FILE} (H.264)")
         tracker, reference_result = None, None
         previous = None  # label map of the previous processed frame, or the reference masks
         bar = None
@@ -700,10 +790,16 @@ def run_track(
                 folder.stopped = {"frame": halt.index, "reason": halt.reason}
             if bar is not None:
                 bar.close()
-            writer.finish()
+            made = writer.finish()
             complete = True
-            folder.overlay = {"file": OVERLAY_FILE, "frames": written}
-            folder.files.discard(PARTIAL_OVERLAY_FILE)  # renamed
+            folder.overlay = {"file": overlay_name if made else None, "codec": writer.codec if made else None,
+                              "size": list(writer.size), "frames": written}
+            for name in OVERLAY_FILES + tuple(map(partial_overlay_name, OVERLAY_FILES)):
+                if name != folder.overlay["file"] and name in folder.files:  # renamed, or an earlier run's other one
+                    path = out_dir / name
+                    if path.is_file() and not path.is_symlink():
+                        path.unlink()
+                    folder.files.discard(name)
         finally:
             if not complete:
                 writer.abandon()
@@ -777,8 +873,9 @@ def track_command(args) -> int:
     run = summary.get("this_run") or {}
     found = ", ".join(f"{'object ' + k if len(summary['found']) > 1 else 'the object'} found in {v}/{summary['frames']}"
                       for k, v in summary["found"].items())
+    overlay_file = (data.get("overlay") or {}).get("file") or "(none: no frame)"
     if run.get("frames"):
         print(f"{run['frames']} frame(s) tracked in {run['seconds']:.1f} s ({run['frames_per_second']:.2f} frames/s); "
-              f"{found} frames; results in {out_dir / RESULTS_FILE}, overlay {out_dir / OVERLAY_FILE}",
+              f"{found} frames; results in {out_dir / RESULTS_FILE}, overlay {out_dir / overlay_file}",
               file=sys.stderr)
     return 1 if data.get("stopped") else 0

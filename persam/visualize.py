@@ -1,23 +1,29 @@
 """Pictures of results: masks over the image, prompt points, boxes, similarity heat maps (OpenCV).
 
     overlay(image, masks, points, labels, box)  translucent coloured masks + prompts, RGB uint8
-    heatmap(similarity)                         an H x W map in a colour map, RGB uint8
+    mark_not_found(picture)                     a red frame and "not found" (segment, apply, track)
+    annotate(picture, notes, red_frame)         notes in the top-left corner, optionally a red frame
+    heatmap(similarity, image=photo)            an H x W map in a colour map, over the photo, with its scale
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
 
 from .io import davis_palette
 
-__all__ = ["overlay", "heatmap", "mask_colors"]
+__all__ = ["overlay", "heatmap", "mask_colors", "mark_not_found", "annotate", "NOT_FOUND"]
 
 POSITIVE = (0, 255, 0)  # RGB green
 NEGATIVE = (255, 0, 0)  # RGB red
 BOX = (255, 255, 0)  # RGB yellow
+FRAME = (255, 0, 0)  # RGB red: the frame of a picture where the object is not found
+NOT_FOUND = "not found"
+NOT_FOUND_TEXT = (255, 64, 64)  # RGB light red
+NOTE_TEXT = (255, 255, 255)  # RGB white
 
 ArrayLike = Union[np.ndarray, "torch.Tensor"]  # noqa: F821
 
@@ -94,16 +100,20 @@ def overlay(
     labels: Optional[ArrayLike] = None,
     box: Optional[ArrayLike] = None,
     alpha: float = 0.5,
+    colors: Optional[ArrayLike] = None,
 ) -> np.ndarray:
     """The image (H x W x 3 RGB uint8) with translucent coloured masks, their outlines,
     prompt points (green positive, red negative; `labels` 1/0, all positive if None)
-    and box outlines (one box x0, y0, x1, y1 or N x 4). Returns a new RGB uint8 array."""
+    and box outlines (one box x0, y0, x1, y1 or N x 4). `colors`: the masks' RGB colours
+    (N x 3; default :func:`mask_colors`). Returns a new RGB uint8 array."""
     img = np.ascontiguousarray(_numpy(image).astype(np.uint8))
     if img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"expected an H x W x 3 RGB image, got shape {img.shape}")
     h, w = img.shape[:2]
     mask_list = _as_mask_list(masks, (h, w))
-    colors = mask_colors(len(mask_list))
+    colors = mask_colors(len(mask_list)) if colors is None else np.asarray(colors, dtype=np.uint8).reshape(-1, 3)
+    if len(colors) < len(mask_list):
+        raise ValueError(f"{len(mask_list)} masks but {len(colors)} colours")
     out = _blend(img, mask_list, colors, alpha)
     thickness = max(1, round(max(h, w) / 400))
     for m, color in zip(mask_list, colors):
@@ -125,15 +135,60 @@ def overlay(
     return out
 
 
+def annotate(picture: np.ndarray, notes: Sequence[Tuple[str, Tuple[int, int, int]]] = (),
+             red_frame: bool = False) -> np.ndarray:
+    """`picture` (H x W x 3 RGB uint8) with a red frame around it (`red_frame`) and `notes`
+    ((text, RGB colour) each) one per line in its top-left corner, light text on black.
+    Returns a new RGB uint8 array."""
+    out = np.ascontiguousarray(_numpy(picture).astype(np.uint8)).copy()
+    h, w = out.shape[:2]
+    if red_frame:
+        border = max(2, round(max(h, w) / 120))
+        cv2.rectangle(out, (0, 0), (w - 1, h - 1), FRAME, border)
+    scale = _text_scale(h, w)
+    y = 0
+    for text, colour in notes:
+        y = _note(out, text, colour, 0, y, scale)
+    return out
+
+
+def mark_not_found(picture: np.ndarray, text: str = NOT_FOUND) -> np.ndarray:
+    """`picture` framed in red and marked `text` ("not found") in its top-left corner: the
+    picture of an image or a video frame where the object was not found."""
+    return annotate(picture, [(text, NOT_FOUND_TEXT)], red_frame=True)
+
+
+def _text_scale(h: int, w: int) -> float:
+    return max(0.35, max(h, w) / 1400)
+
+
+def _note(out: np.ndarray, text: str, colour, x: int, y: int, scale: float) -> int:
+    """Draw `text` on a black box whose top-left corner is (x, y), in place; the box's bottom."""
+    thickness = max(1, round(scale * 2))
+    (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+    pad = max(3, th // 3)
+    cv2.rectangle(out, (x, y), (x + tw + 2 * pad, y + th + base + 2 * pad), (0, 0, 0), -1)
+    cv2.putText(out, text, (x + pad, y + pad + th), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, thickness, cv2.LINE_AA)
+    return y + th + base + 2 * pad
+
+
 def heatmap(
     similarity: ArrayLike,
     value_range: Optional[Sequence[float]] = None,
     colormap: int = cv2.COLORMAP_JET,
+    image: Optional[np.ndarray] = None,
+    alpha: float = 0.5,
+    scale: bool = True,
 ) -> np.ndarray:
     """An H x W map (e.g. the target similarity) in a colour map: RGB uint8 H x W x 3.
 
     Values are scaled from `value_range` (default: the map's own min..max) to 0..255;
-    NaNs count as the minimum."""
+    NaNs count as the minimum.  With `image` (H x W x 3 RGB uint8, the photo the map is of)
+    the colours are laid over the photo as saliency pictures are: the photo in gray (so
+    that every hue is the map's) blended with the colour map, `alpha` the colours' share;
+    `scale` then adds the colour scale, a bar from the lowest to the highest value with
+    both values, in the bottom-left corner (where it fits).  Without `image`, the bare
+    colour map."""
     sim = _numpy(similarity).astype(np.float32)
     if sim.ndim != 2:
         sim = np.squeeze(sim)
@@ -147,5 +202,42 @@ def heatmap(
     sim = np.where(finite, sim, lo)
     scaled = (sim - lo) / (hi - lo) if hi > lo else np.zeros_like(sim)
     gray = np.clip(scaled * 255 + 0.5, 0, 255).astype(np.uint8)
-    bgr = cv2.applyColorMap(gray, colormap)
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    colours = cv2.cvtColor(cv2.applyColorMap(gray, colormap), cv2.COLOR_BGR2RGB)
+    if image is None:
+        return colours
+    photo = np.ascontiguousarray(_numpy(image).astype(np.uint8))
+    if photo.shape != colours.shape:
+        raise ValueError(f"the image {photo.shape} and the map {sim.shape} differ in size")
+    base = cv2.cvtColor(cv2.cvtColor(photo, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+    out = cv2.addWeighted(base, 1.0 - alpha, colours, alpha, 0.0)
+    if scale:
+        _colour_scale(out, lo, hi, colormap)
+    return out
+
+
+def _colour_scale(out: np.ndarray, lo: float, hi: float, colormap: int) -> None:
+    """Draw the colour scale in the bottom-left corner of `out`, in place: the colour map from
+    `lo` (left) to `hi` (right) as a bar, the two values above it, on black; nothing where it
+    would take more than half the picture's width or a third of its height."""
+    h, w = out.shape[:2]
+    font_scale = _text_scale(h, w)
+    thickness = max(1, round(font_scale * 2))
+    low, high = f"{lo:.2f}", f"{hi:.2f}"
+    (lw, th), base = cv2.getTextSize(low, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thickness)
+    (hw, _), _ = cv2.getTextSize(high, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thickness)
+    pad = max(3, th // 3)
+    bar_w = max(lw + hw + 3 * pad, round(w / 4))
+    bar_h = max(4, th // 2 + 2)
+    box_w, box_h = bar_w + 2 * pad, th + base + bar_h + 3 * pad
+    if box_w > w / 2 or box_h > h / 3:
+        return
+    top = h - box_h
+    cv2.rectangle(out, (0, top), (box_w - 1, h - 1), (0, 0, 0), -1)
+    text_y = top + pad + th
+    cv2.putText(out, low, (pad, text_y), cv2.FONT_HERSHEY_SIMPLEX, font_scale, NOTE_TEXT, thickness, cv2.LINE_AA)
+    cv2.putText(out, high, (pad + bar_w - hw, text_y), cv2.FONT_HERSHEY_SIMPLEX, font_scale, NOTE_TEXT, thickness,
+                cv2.LINE_AA)
+    ramp = np.linspace(0, 255, bar_w).round().astype(np.uint8)[None, :].repeat(bar_h, axis=0)
+    bar = cv2.cvtColor(cv2.applyColorMap(ramp, colormap), cv2.COLOR_BGR2RGB)
+    bar_top = text_y + base + pad
+    out[bar_top:bar_top + bar_h, pad:pad + bar_w] = bar

@@ -21,7 +21,11 @@ The exported model is built once per weights, precision and input side and kept 
 of the encoder's weights when there is no file). The folder is written under a temporary name
 and renamed into place, so a reader never sees half of it; ``meta.json`` records the size and
 sha256 of every file, and a folder that fails that check (or fails to load) is built again.
-Building prints its one-time cost to stderr.
+Building says so before it starts, with its expected one-time cost, and after it the time it
+took (to the ``log`` callback: stderr by default).
+
+A CPU run that "auto" leaves on torch because no compiled backend is installed is told how to
+get one by :func:`faster_backend_hint` (the ``persam`` commands print it once per run).
 """
 
 from __future__ import annotations
@@ -56,6 +60,11 @@ META_FORMAT = "persam-compiled-encoder"
 # SAM's own models stay whole at 1024 (ViT-B 12 x 4096^2, ViT-L/H 16 x 4096^2 = 2^28): blocks of
 # 2^24 cost ViT-B 10% of its OpenVINO time (5.98 s against 5.41 s on a 2-core EPYC).
 EXPORT_BIAS_ELEMENTS = 1 << 28
+# What building an export costs once, by model kind, for the line printed before it starts: the
+# README's measurements on a 2-core CPU (vit_t 5 to 45 s, vit_b about 20 s), and an allowance for
+# the larger ViTs, which export the same way with more blocks.
+EXPECTED_BUILD = {"vit_t": "up to a minute", "vit_b": "up to a minute", "vit_l": "a few minutes",
+                  "vit_h": "a few minutes"}
 
 Log = Callable[[str], None]
 
@@ -80,6 +89,18 @@ def is_installed(backend: str) -> bool:
 
 def installed_backends() -> tuple:
     return tuple(b for b in BACKENDS if is_installed(b))
+
+
+def faster_backend_hint(backend: Optional[str], device: Union[str, torch.device], precision: str = "fp32") -> Optional[str]:
+    """One line for a run whose image encoder "auto" leaves on torch on a CPU because no faster backend
+    is installed; None otherwise: on a GPU, when a compiled backend is picked, or when torch was asked
+    for (by name, or by $PERSAM_BACKEND)."""
+    if (backend or "auto") != "auto" or os.environ.get("PERSAM_BACKEND", "").strip() not in ("", "auto"):
+        return None
+    if torch.device(device).type != "cpu" or resolve_backend("auto", device, precision) != "torch":
+        return None
+    return (f"the image encoder runs on torch; pip install -e \".[{EXTRAS['openvino']}]\" makes it about 2x "
+            f"faster on this CPU (see README, Speed)")
 
 
 def resolve_backend(backend: Optional[str], device: Union[str, torch.device], precision: str = "fp32") -> str:
@@ -423,6 +444,9 @@ def ensure_export(
     folder = root / cache_key(kind, sha256, precision, img_size, backend)
     if _valid_entry(folder, main_file):
         return folder / main_file, 0.0
+    if log is not None:
+        log(f"persam: building the {backend} image encoder for {kind} ({precision}), once: this takes "
+            f"{EXPECTED_BUILD.get(kind, 'a minute or more')} on a 2-core CPU; later runs load it from {root}")
     start = time.perf_counter()
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=root))
@@ -445,7 +469,7 @@ def ensure_export(
     if not _valid_entry(folder, main_file):  # lost a race to a damaged folder: should not happen
         raise RuntimeError(f"could not build the {backend} encoder in {folder}")
     if log is not None:
-        log(f"persam: built the {backend} image encoder for {kind} ({precision}) once, in {seconds:.1f} s; "
+        log(f"persam: built the {backend} image encoder for {kind} ({precision}) in {seconds:.1f} s, once; "
             f"cached in {folder}")
     return folder / main_file, seconds
 

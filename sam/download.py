@@ -2,8 +2,14 @@
 
 The downloader writes to ``FILENAME.part`` in the cache folder, resumes an interrupted
 transfer with an HTTP ``Range`` request, checks size and sha256 and only then renames the
-file to its final name (atomically, with :func:`os.replace`).  A file found at the final
-name is reused when its sha256 matches, without touching the network.
+file to its final name (atomically, with :func:`os.replace`).  So a file found at the final
+name is either a verified download or a file placed there by hand: it is used as it is,
+without touching the network.  When its sha256 is not the registry's, it was placed by hand
+(the downloader never renames an unverified file into place); it is still used, with one
+:class:`UnverifiedCheckpointWarning` naming the file and its sha256, and never replaced: the
+toolkit does not write over a file it did not write.  A truncated or corrupt file of that
+kind is refused when it is loaded (:mod:`sam.checkpoint`).  The ``persam`` commands and
+:func:`download_checkpoint` follow the same rule, through :func:`cached_checkpoint`.
 """
 
 from __future__ import annotations
@@ -15,9 +21,10 @@ import os
 import re
 import urllib.error
 import urllib.request
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Tuple, Union
 
 from tqdm import tqdm
 
@@ -25,6 +32,8 @@ __all__ = [
     "DownloadError",
     "ModelFile",
     "MODELS",
+    "UnverifiedCheckpointWarning",
+    "cached_checkpoint",
     "default_cache_dir",
     "download_checkpoint",
     "verify_checkpoint",
@@ -40,6 +49,10 @@ _USER_AGENT = "persam-downloader/0.1"
 
 class DownloadError(RuntimeError):
     """A checkpoint could not be downloaded or failed verification."""
+
+
+class UnverifiedCheckpointWarning(UserWarning):
+    """The cached checkpoint's sha256 is not the registry's: a file placed by hand, used as it is."""
 
 
 @dataclass(frozen=True)
@@ -113,12 +126,85 @@ def verify_checkpoint(path: Union[str, os.PathLike], sha256: str) -> bool:
         return False
 
 
+def _registry_entry(model_type: str) -> ModelFile:
+    try:
+        return MODELS[model_type]
+    except KeyError:
+        raise ValueError(
+            f"unknown model type {model_type!r}; choose one of {', '.join(sorted(MODELS))}"
+        ) from None
+
+
+def _cache_folder(cache_dir: Union[str, os.PathLike, None]) -> Path:
+    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+
+
+def _find_cached(
+    entry: ModelFile, folder: Path, sha256_of: Callable[[Path], str]
+) -> Tuple[Optional[Path], Optional[str]]:
+    """(the file at the entry's final name or None, the warning to give about it or None).
+
+    Only the downloader's verified files are renamed to the final name, so a file there whose
+    sha256 differs was placed by hand: it is returned, with a warning naming it and its sha256.
+    """
+    final = folder / entry.filename
+    if not final.exists():
+        return None, None
+    if not final.is_file():
+        raise DownloadError(
+            f"{final} is in the way: it is not a file, and the {entry.model_type} checkpoint is "
+            f"kept under that name; move it elsewhere, then {_again(entry.model_type)}"
+        )
+    if entry.sha256 is None:
+        return final, None
+    got = sha256_of(final)
+    if got == entry.sha256.lower():
+        return final, None
+    return final, (
+        f"{final} is not the official {entry.model_type} checkpoint (its sha256 is {got}, the "
+        f"official file's {entry.sha256}); the downloader checks what it saves, so this file was "
+        f"placed there by hand and is used as it is; to use the official one instead, delete it "
+        f"and {_again(entry.model_type)}"
+    )
+
+
+def cached_checkpoint(
+    model_type: str,
+    cache_dir: Union[str, os.PathLike, None] = None,
+    *,
+    sha256_of: Callable[[Path], str] = sha256_file,
+    warn: Optional[Callable[[str], None]] = None,
+) -> Optional[Path]:
+    """The checkpoint of ``model_type`` in the cache, or None when there is none; never downloads.
+
+    A file there whose sha256 is not the registry's was placed by hand (the downloader renames
+    only verified files into place): it is returned all the same, with one warning that names
+    it and its sha256, given to ``warn`` when set, else as an :class:`UnverifiedCheckpointWarning`.
+    ``sha256_of`` hashes the file (a caller that hashes the checkpoint anyway passes its own,
+    remembered one). Raises ``ValueError`` for an unknown model type and :class:`DownloadError`
+    when something that is not a file is in the way.
+    """
+    path, warning = _find_cached(_registry_entry(model_type), _cache_folder(cache_dir), sha256_of)
+    if warning is not None:
+        _give_warning(warning, warn)
+    return path
+
+
+def _give_warning(message: str, warn: Optional[Callable[[str], None]]) -> None:
+    """To ``warn`` when set, else as an UnverifiedCheckpointWarning at the public function's caller."""
+    if warn is not None:
+        warn(message)
+    else:
+        warnings.warn(UnverifiedCheckpointWarning(message), stacklevel=3)
+
+
 def _again(model_type: str) -> str:
     return f"run `persam download {model_type}` again"
 
 
 def _by_hand(entry: ModelFile, part: Path) -> str:
-    """Where a checkpoint downloaded by hand must go (the cache folder being written to)."""
+    """Where a checkpoint downloaded by hand must go (the cache folder being written to; the
+    final name is free, else the cached file would have been used)."""
     return (
         f"or download {entry.url} by hand and save it as {part.with_name(entry.filename)} "
         f"(or pass it with --checkpoint FILE)"
@@ -142,30 +228,31 @@ def download_checkpoint(
     cache_dir: Union[str, os.PathLike, None] = None,
     url: Optional[str] = None,
     progress: bool = True,
+    warn: Optional[Callable[[str], None]] = None,
 ) -> Path:
     """Return the local path of the checkpoint for ``model_type``, downloading it if needed.
 
     ``cache_dir`` defaults to :func:`default_cache_dir`; ``url`` overrides the registry URL
     (the expected size and sha256 stay those of the registry entry).
+    A file already in the cache under the checkpoint's name is returned without touching the
+    network; one whose sha256 is not the registry's was placed there by hand and is returned
+    too, with one warning naming it and its sha256, given to ``warn`` when set, else as an
+    :class:`UnverifiedCheckpointWarning` (see :func:`cached_checkpoint`; it is never replaced).
     Raises :class:`DownloadError` on network errors, truncated transfers and hash/size
     mismatches, and ``ValueError`` for an unknown model type.
     """
-    try:
-        entry = MODELS[model_type]
-    except KeyError:
-        raise ValueError(
-            f"unknown model type {model_type!r}; choose one of {', '.join(sorted(MODELS))}"
-        ) from None
+    entry = _registry_entry(model_type)
     url = url or entry.url
-    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = _cache_folder(cache_dir)
     final = folder / entry.filename
     part = folder / (entry.filename + ".part")
 
-    if final.is_file():
-        if entry.sha256 is None or verify_checkpoint(final, entry.sha256):
-            return final
-        logger.warning("%s does not match its sha256; downloading it again", final)
+    found, warning = _find_cached(entry, folder, sha256_file)
+    if found is not None:
+        if warning is not None:
+            _give_warning(warning, warn)
+        return found
+    folder.mkdir(parents=True, exist_ok=True)
 
     # A partial download that is already complete (e.g. the rename was interrupted).
     if part.is_file() and entry.size is not None and part.stat().st_size >= entry.size:

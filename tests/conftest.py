@@ -82,11 +82,15 @@ def perseg_dir():
 @pytest.fixture(scope="session")
 def random_vit_t_checkpoint(tmp_path_factory):
     """A MobileSAM-layout checkpoint file with seeded random weights."""
+    return write_random_checkpoint(tmp_path_factory.mktemp("checkpoint") / "mobile_sam.pt")
+
+
+def write_random_checkpoint(path: Path, model_type: str = "vit_t", seed: int = 0) -> Path:
+    """Save seeded random weights of `model_type` in the official layout at `path`; returns it."""
     import torch
 
     from sam.build import build_sam_model
     from sam_testing import random_state_dict
 
-    path = tmp_path_factory.mktemp("checkpoint") / "mobile_sam.pt"
-    torch.save(random_state_dict(build_sam_model("vit_t"), seed=0), path)
+    torch.save(random_state_dict(build_sam_model(model_type), seed=seed), path)
     return path

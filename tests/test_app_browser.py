@@ -3,9 +3,10 @@
 The test starts ``persam app`` on 127.0.0.1 (a free port) with a random vit_t checkpoint, then
 does what a user does: adds a reference photo, clicks on the object and sees SAM's mask, undoes
 it and uploads the mask instead, adds two shared photos as targets, runs, sees two results with
-their scores, opens a heat map, downloads the zip and checks its files.  It also checks that a
-bad file gives a visible message, that nothing was fetched from anywhere but the app, and that
-another browser session sees none of it.  Screenshots go to the test's tmp folder; with
+their scores, opens one at full size, opens a heat map, downloads the zip and checks its files.
+It also checks that a bad file gives a visible message, that nothing was fetched from anywhere
+but the app, that another browser session sees none of it, and that the page says when its
+session has ended.  Screenshots go to the test's tmp folder; with
 PERSAM_UPDATE_DOCS=1 the results screenshot also goes to docs/app.png (for README.md).
 
 Needs Debian's ``chromium`` and ``chromium-driver`` (installed by .ci/run) and the
@@ -17,7 +18,6 @@ import io
 import json
 import os
 import queue
-import shutil
 import signal
 import subprocess
 import sys
@@ -44,20 +44,9 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS_SCREENSHOT = REPO / "docs" / "app.png"
 
 
-def _find(names, extra=()):
-    for name in names:
-        found = shutil.which(name)
-        if found:
-            return found
-    return next((str(p) for p in map(Path, extra) if p.is_file()), None)
+from browser_testing import CHROMEDRIVER, CHROMIUM, skip_module_without_browser  # noqa: E402
 
-
-CHROMIUM = os.environ.get("PERSAM_CHROMIUM") or _find(("chromium", "chromium-browser", "google-chrome"))
-CHROMEDRIVER = os.environ.get("PERSAM_CHROMEDRIVER") or _find(("chromedriver",), ("/usr/lib/chromium/chromedriver",))
-if not (CHROMIUM and CHROMEDRIVER):
-    pytest.skip(f"no headless browser here (chromium: {CHROMIUM or 'not found'}, chromedriver: "
-                f"{CHROMEDRIVER or 'not found'}); as root: apt-get install -y chromium chromium-driver "
-                f"(.ci/run does)", allow_module_level=True)
+skip_module_without_browser()
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,8 +269,22 @@ def test_click_run_and_download_in_a_real_browser(app_url, browser, perseg_dir, 
     if os.environ.get("PERSAM_UPDATE_DOCS") == "1":
         _save_docs_screenshot(png)
 
-    # a heat map on demand (no encoding: the embedding is cached)
+    # a click on a result opens it at full size (the overlay at the photo's own size)
     first = cards[0]
+    small = first.find_element(By.CSS_SELECTOR, ".picture")
+    small.click()
+    viewer = driver.find_element(By.ID, "viewer")
+    full = driver.find_element(By.ID, "viewer-image")
+    _wait("the full-size result", lambda: viewer.get_attribute("open") is not None and driver.execute_script(
+        "return arguments[0].complete && arguments[0].naturalWidth", full) > 0, driver=driver)
+    natural = driver.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", full)
+    assert natural == list(Image.open(cat / "01.jpg").size), natural
+    assert "/full.jpg" in full.get_attribute("src") and full.size["width"] > 2 * small.size["width"]
+    driver.save_screenshot(str(shots / "2b-full-size.png"))
+    full.click()  # closes it
+    _wait("the viewer to close", lambda: viewer.get_attribute("open") is None, driver=driver)
+
+    # a heat map on demand (no encoding: the embedding is cached)
     first.find_element(By.CSS_SELECTOR, ".heatmap").click()
     heat = first.find_element(By.CSS_SELECTOR, ".picture")
     _wait("the heat map", lambda: "similarity.png" in heat.get_attribute("src")
@@ -324,4 +327,10 @@ def test_click_run_and_download_in_a_real_browser(app_url, browser, perseg_dir, 
     status = driver.execute_script("return fetch(arguments[0]).then(r => r.status)", overlay_url)
     assert status == 404
     driver.save_screenshot(str(shots / "5-new-session.png"))
+
+    # a session that has ended: the page says so
+    driver.add_cookie({"name": "persam_session", "value": "a-session-that-ended"})
+    driver.get(app_url)
+    _wait("the page to say the session ended", lambda: "session on this server has ended" in _message(driver)[1],
+          driver=driver)
     print(f"screenshots in {shots}")

@@ -152,6 +152,71 @@ def test_auto_falls_back_to_torch_when_the_export_fails(monkeypatch, tmp_path):
         explicit.set_image(photo(step=8))
 
 
+def _hint_lines(err):
+    return [line for line in err.splitlines() if "runs on torch" in line]
+
+
+def test_torch_fallback_on_a_cpu_says_once_how_to_get_the_faster_backend(monkeypatch, capsys, random_vit_t_checkpoint,
+                                                                          perseg_dir, tmp_path):
+    """No compiled backend installed (simulated): "auto" runs torch on the CPU and the run says once how to
+    install OpenVINO; not when torch was asked for (--backend torch, $PERSAM_BACKEND=torch), not on a GPU."""
+    from cli_testing import ref_args, run_cli, write_cat_photos
+    from persam.models import build_predictor
+
+    monkeypatch.delenv("PERSAM_BACKEND", raising=False)
+    monkeypatch.setattr(backends, "is_installed", lambda name: name == "torch")
+    monkeypatch.setattr("sam.build.build_sam", lambda *args, **kwargs: tiny_sam())  # the model is not the point
+    predictor = build_predictor("vit_t", random_vit_t_checkpoint, "cpu", "fp32", "auto")
+    assert predictor.backend == "torch"
+    (hint,) = _hint_lines(capsys.readouterr().err)
+    assert hint.startswith("persam: the image encoder runs on torch; ") and 'pip install -e ".[openvino]"' in hint
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_cat_photos(perseg_dir, data, 128)
+    learn = ["learn", *ref_args(data), "--out", tmp_path / "c.pt", "--checkpoint", random_vit_t_checkpoint, "-q"]
+    assert run_cli(learn) == 0
+    assert len(_hint_lines(capsys.readouterr().err)) == 1  # once in a run
+    assert run_cli(learn + ["--backend", "torch"]) == 0
+    assert _hint_lines(capsys.readouterr().err) == []
+    monkeypatch.setenv("PERSAM_BACKEND", "torch")
+    build_predictor("vit_t", random_vit_t_checkpoint, "cpu", "fp32", "auto")
+    assert _hint_lines(capsys.readouterr().err) == []
+
+    monkeypatch.delenv("PERSAM_BACKEND")
+    assert backends.faster_backend_hint("auto", "cpu") is not None
+    assert backends.faster_backend_hint("auto", "cuda") is None
+    monkeypatch.setattr(backends, "is_installed", lambda name: name != "openvino")
+    assert backends.faster_backend_hint("auto", "cpu") is None  # onnxruntime runs it
+    assert backends.faster_backend_hint("auto", "cpu", "bf16") is not None  # onnxruntime cannot: torch runs bf16
+    monkeypatch.setattr(backends, "is_installed", lambda name: True)
+    assert backends.faster_backend_hint("auto", "cpu") is None
+
+
+def test_building_an_export_says_so_before_it_starts(monkeypatch, tmp_path, capsys):
+    """The one-time build is announced with its expected cost before the wait, and timed after it."""
+    seen_before = []
+
+    def exporter(encoder, img_size, path):
+        seen_before.append(capsys.readouterr().err)  # what the user had read when the export began
+        path.write_bytes(b"exported")
+
+    monkeypatch.setitem(backends.EXPORTERS, "openvino", ("encoder.xml", exporter))
+    monkeypatch.setattr(backends, "runtime_version", lambda backend: "test")
+    encoder = tiny_sam().image_encoder
+    path, seconds = backends.ensure_export("openvino", encoder, kind="vit_t", sha256="ab" * 32, precision="fp32",
+                                           img_size=128, cache_dir=tmp_path)
+    (before,) = seen_before
+    assert before.startswith("persam: building the openvino image encoder for vit_t (fp32), once: this takes ")
+    assert backends.EXPECTED_BUILD["vit_t"] in before and "built the" not in before
+    after = capsys.readouterr().err
+    assert after.startswith("persam: built the openvino image encoder for vit_t (fp32) in ") and str(path.parent) in after
+    # cached: no word, no wait
+    assert backends.ensure_export("openvino", encoder, kind="vit_t", sha256="ab" * 32, precision="fp32",
+                                  img_size=128, cache_dir=tmp_path) == (path, 0.0)
+    assert seen_before == [before] and capsys.readouterr().err == ""
+
+
 def test_weights_hash_and_cache_key():
     a, b = tiny_sam(seed=0), tiny_sam(seed=1)
     assert backends.weights_sha256(a.image_encoder) == backends.weights_sha256(tiny_sam(seed=0).image_encoder)

@@ -13,6 +13,7 @@ import torch
 
 from sam.checkpoint import (
     CheckpointError,
+    checkpoint_file,
     convert_hf_to_meta,
     guess_model_type,
     is_hf_state_dict,
@@ -357,6 +358,8 @@ def test_missing_file(tmp_path):
 def test_directory_without_weights(tmp_path):
     with pytest.raises(CheckpointError, match="model.safetensors"):
         read_state_dict(tmp_path)
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        checkpoint_file(tmp_path)
 
 
 def test_not_a_state_dict(tmp_path):
@@ -374,8 +377,42 @@ def test_pickled_objects_refused_without_running_them(tmp_path):
 
     p = tmp_path / "train.pth"
     torch.save({"model": {"a": torch.zeros(1)}, "args": argparse.Namespace(lr=1)}, p)
-    with pytest.raises(CheckpointError, match="not a plain checkpoint"):
+    with pytest.raises(CheckpointError, match=r"was refused: it holds code .*argparse\.Namespace"):
         read_state_dict(p)
+
+
+class _Malicious:
+    """Unpickling this would create a folder: the file holds code, not weights."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle-2", "pickle-4", "pickle-0"])
+def test_malicious_pickle_refused_as_code(tmp_path, writer):
+    """A checkpoint that would run code when unpickled is refused, in one line that says so and names
+    what it calls (not "truncated or corrupt?" with a cut-off torch message), and nothing runs."""
+    import pickle
+
+    marker = tmp_path / "code-ran"
+    payload = {"image_encoder.x": torch.zeros(2), "evil": _Malicious(marker)}
+    p = tmp_path / "mobile_sam.pt"
+    if writer == "torch.save":
+        torch.save(payload, p)
+    else:
+        with open(p, "wb") as f:
+            pickle.dump(payload, f, protocol=int(writer.split("-")[1]))
+    with pytest.raises(CheckpointError) as ei:
+        read_state_dict(p)
+    msg = str(ei.value)
+    assert msg.startswith(f"{p} was refused: it holds code that would run when it is loaded")
+    assert f"{os.mkdir.__module__}.mkdir" in msg and "not only weights" in msg
+    assert "truncated or corrupt" not in msg and "weights_only" not in msg and "..." not in msg
+    assert "\n" not in msg
+    assert not marker.exists()
 
 
 # --------------------------------------------------------------------------------------------
@@ -467,6 +504,54 @@ def test_read_hf_files(tmp_path, layout):
     assert sorted(got) == sorted(meta)
     for k in meta:
         assert torch.equal(got[k], meta[k]), k
+    assert checkpoint_file(folder if layout.startswith("dir") else f) == f
+
+
+def test_checkpoint_folder_resolves_to_its_weights_file(tmp_path):
+    """`--checkpoint FOLDER` (persam.models.resolve_checkpoint): the weights file inside a HuggingFace
+    folder, whose sha256 the run's key and the concept record (a folder has none: [Errno 21] before)."""
+    from safetensors.torch import save_file
+
+    from persam.io import InputError
+    from persam.models import resolve_checkpoint
+    from persam.run import file_sha256
+
+    hf = {k: v.clone() for k, v in meta_to_hf(tagged_state_dict(meta_sam_shapes("vit_b"))).items()}
+    folder = tmp_path / "facebook-sam-vit-base"
+    folder.mkdir()
+    save_file(hf, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text("{}")
+    got = resolve_checkpoint("vit_b", folder)
+    assert got == folder / "model.safetensors"
+    assert len(file_sha256(got)) == 64
+    assert sorted(read_state_dict(got)) == sorted(meta_sam_shapes("vit_b"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match=f"{re.escape(str(empty))} is a directory without a checkpoint"):
+        resolve_checkpoint("vit_b", empty)
+
+
+def test_cli_learns_from_a_checkpoint_folder(tmp_path, random_vit_t_checkpoint, perseg_dir, capsys):
+    """README: checkpoints load from a folder holding model.safetensors; `persam learn --checkpoint
+    FOLDER` failed with "[Errno 21] Is a directory" when it took the folder's sha256."""
+    from safetensors.torch import save_file
+
+    from cli_testing import ref_args, run_cli, write_cat_photos
+    from persam.concept import load_concept
+    from persam.run import file_sha256
+
+    folder = tmp_path / "mobile-sam"
+    folder.mkdir()
+    weights = folder / "model.safetensors"
+    save_file(read_state_dict(random_vit_t_checkpoint), str(weights))
+    data = tmp_path / "data"
+    data.mkdir()
+    write_cat_photos(perseg_dir, data, 256)
+    concept = tmp_path / "cat.pt"
+    code = run_cli(["learn", *ref_args(data), "--out", concept, "--model", "vit_t", "--checkpoint", folder, "-q"])
+    assert code == 0, capsys.readouterr().err
+    assert "Errno" not in capsys.readouterr().err
+    load_concept(concept, model_type="vit_t", checkpoint_sha256=file_sha256(weights))  # recorded: the file's
 
 
 def test_hf_misspelled_upscale_norm_accepted():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -82,7 +83,8 @@ def test_segment_with_mask_writes_outputs(segmented):
         assert record["status"] == "ok"
         for key in ("iou_score", "peak_similarity", "found", "points", "labels", "boxes", "timings", "outputs"):
             assert key in record
-        assert set(record["timings"]) == {"encode_s", "segment_s"}
+        assert set(record["timings"]) == {"load_s", "encode_s", "segment_s", "outputs_s", "shared", "group_size"}
+        assert set(record["timings"]["shared"]) <= {"segment_s"} and record["timings"]["group_size"] == 2
         assert np.asarray(record["points"]).shape == (2, 2) and record["labels"] == [1, 0]
         mask = np.asarray(Image.open(segmented / record["outputs"]["mask"]))
         assert mask.shape == (SIDE, SIDE) and set(np.unique(mask)) <= {0, 255}
@@ -161,6 +163,45 @@ def test_box_reference(data, checkpoint, tmp_path, monkeypatch):
     assert (out / "reference_mask.png").is_file() and (out / "02_overlay.png").is_file()
 
 
+def test_learn_two_references_by_click_and_box(data, checkpoint, tmp_path, monkeypatch, capsys):
+    """Each prompt belongs to the --ref-image it follows; SAM makes each mask (saved per reference)."""
+    from persam.concept import load_concept
+
+    concept = tmp_path / "cat.pt"
+    disc_predictions(monkeypatch)
+    code = run_cli(["learn", "--ref-image", data / "ref.jpg", "--ref-point", "60,80",
+                    "--ref-image", data / "targets" / "01.jpg", "--ref-box", "150,100,250,200",
+                    "--out", concept, *model_args(checkpoint)])
+    assert code == 0
+    assert load_concept(concept).method == "persam"
+    first, second = load_mask(tmp_path / "cat_reference_mask_1.png"), load_mask(tmp_path / "cat_reference_mask_2.png")
+    assert first[80, 60] and not first[150, 200]  # the disc around the click, on the first image
+    assert second[150, 200] and not second[80, 60]  # the disc around the box's centre, on the second
+    err = capsys.readouterr().err
+    assert re.search(r"ref\.jpg.*1 click", err) and re.search(r"01\.jpg.*box 150,100,250,200", err)
+    out = tmp_path / "applied"
+    assert run_cli(["apply", concept, data / "targets" / "02.jpg", "--out", out, *model_args(checkpoint)]) == 0
+
+
+def test_segment_with_a_mask_for_one_reference_and_clicks_for_another(data, checkpoint, tmp_path, monkeypatch):
+    disc_predictions(monkeypatch)
+    out = tmp_path / "out"
+    code = run_cli(["segment", *ref_args(data), "--ref-image", data / "targets" / "01.jpg", "--ref-point", "100,90",
+                    "--ref-point", "110,95", data / "targets", "--out", out, *model_args(checkpoint)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert "reference_mask_2.png" in results["files"] and not (out / "reference_mask_1.png").exists()
+    assert load_mask(out / "reference_mask_2.png")[90, 100]
+    assert results["reference"]["prompts"] == [{"mask": str(data / "ref.png")},
+                                               {"points": [[100.0, 90.0], [110.0, 95.0]]}]
+    status = {r["name"]: (r["status"], r.get("reason")) for r in results["images"]}
+    assert status == {"01": ("skipped", "reference image"), "02": ("ok", None)}  # a reference is no target
+    # the run's key tells these prompts from others: another click is refused without --overwrite
+    code = run_cli(["segment", *ref_args(data), "--ref-image", data / "targets" / "01.jpg", "--ref-point", "100,91",
+                    data / "targets" / "02.jpg", "--out", out, *model_args(checkpoint)])
+    assert code == 2
+
+
 def test_learn_apply_matches_segment(data, checkpoint, segmented, tmp_path):
     concept = tmp_path / "cat.pt"
     assert run_cli(["learn", *ref_args(data), "--out", concept, *model_args(checkpoint)]) == 0
@@ -237,15 +278,13 @@ def test_click_reference_is_encoded_once(data, checkpoint, tmp_path, monkeypatch
 def test_bad_target_is_reported_and_run_continues(data, checkpoint, tmp_path, capsys):
     out = tmp_path / "out"
     code = run_cli(["segment", *ref_args(data), data / "broken.jpg", data / "targets" / "01.jpg",
-                    data / "missing.jpg", "--out", out, "--min-similarity", "1", *model_args(checkpoint)])
+                    "--out", out, "--min-similarity", "1", *model_args(checkpoint)])
     assert code == 1  # some images failed
     err = capsys.readouterr().err
     assert sum("broken.jpg" in line for line in err.splitlines()) == 1
-    assert sum("missing.jpg" in line for line in err.splitlines()) == 1
     results = json.loads((out / "results.json").read_text())
     status = {r["name"]: r for r in results["images"]}
     assert status["broken"]["status"] == "error" and "broken.jpg" in status["broken"]["error"]
-    assert status["missing"]["status"] == "error"
     # min similarity 1 (the largest allowed) is not reached: an empty prediction, not a crash
     assert status["01"]["status"] == "ok" and status["01"]["found"] is False
     assert not np.asarray(Image.open(out / "01.png")).any()
@@ -253,6 +292,21 @@ def test_bad_target_is_reported_and_run_continues(data, checkpoint, tmp_path, ca
 
 # --------------------------------------------------------------------------------------------
 # bad input: exit 2 and one line naming the file
+
+
+def test_missing_target_is_refused_before_the_model_loads(data, checkpoint, tmp_path, capsys, monkeypatch):
+    """A mistyped target is bad input (issue 23, item 8): exit 2, one line naming it, before the
+    model loads, and nothing written: no --out folder, no results.json."""
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded for a run with a mistyped target")
+
+    monkeypatch.setattr("persam.cli.build_predictor", no_model)
+    out = tmp_path / "out"
+    code = run_cli(["segment", *ref_args(data), data / "targets" / "01.jpg", data / "targets" / "O2.jpg",
+                    "--out", out, *model_args(checkpoint)])
+    assert code == 2
+    assert error_line(capsys) == f"persam: error: target {data / 'targets' / 'O2.jpg'}: no such file or folder"
+    assert not out.exists()
 
 
 def test_bad_reference_inputs(data, checkpoint, tmp_path, capsys):
@@ -373,10 +427,11 @@ def test_expand_targets_and_unique_names(tmp_path):
         (tmp_path / folder).mkdir()
         for name in ("x.jpg", "y.PNG", "notes.txt"):
             (tmp_path / folder / name).write_bytes(b"")
-    paths, warnings = expand_targets([str(tmp_path / "a"), str(tmp_path / "b" / "*.jpg"),
+    paths, messages = expand_targets([str(tmp_path / "a"), str(tmp_path / "b" / "*.jpg"),
                                       str(tmp_path / "a" / "x.jpg"), str(tmp_path / "none*.jpg")])
     assert [p.relative_to(tmp_path).as_posix() for p in paths] == ["a/x.jpg", "a/y.PNG", "b/x.jpg"]
-    assert len(warnings) == 1 and "none*.jpg" in warnings[0]
+    assert messages == [f"folder {tmp_path / 'a'}: skipped 1 file not in an image format (.txt 1)",  # a note
+                        f"pattern {tmp_path / 'none*.jpg'} matches no images"]
     names = [t.name for t in plan_targets(paths, tmp_path / "out", RunOptions())]
     assert names == ["a_x", "y", "b_x"]
 

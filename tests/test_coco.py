@@ -159,6 +159,27 @@ def test_segment_multi_format_coco_one_annotation_per_object(targets, random_vit
     assert set(np.unique(labels)) == {0, 1, 2}
 
 
+def test_segment_category_is_the_reference_folder_when_its_name_is_a_number(targets, random_vit_t_checkpoint,
+                                                                           tmp_path):
+    """PerSeg's layout, Images/teapot/00.jpg: the category is teapot, not 00 (issue 23, item 10)."""
+    (tmp_path / "teapot").mkdir()
+    Image.open(targets / "wide.png").save(tmp_path / "teapot" / "00.png")
+    ref = tmp_path / "ref.png"
+    mask = np.zeros((64, 96), np.uint8)
+    mask[16:48, 24:72] = 255
+    Image.fromarray(mask).save(ref)
+    out = tmp_path / "out"
+    assert run_cli(["segment", "--ref-image", tmp_path / "teapot" / "00.png", "--ref-mask", ref, targets / "square.png",
+                    "--out", out, "--format", "coco", *model_args(random_vit_t_checkpoint)]) == 0
+    assert [c["name"] for c in COCO(str(out / "coco.json")).dataset["categories"]] == ["teapot"]
+    assert json.loads((out / "results.json").read_text())["concept_name"] == "teapot"
+    from persam.coco import reference_category
+
+    assert reference_category("photos/red_mug.jpg") == "red_mug"  # a name: kept
+    assert reference_category("Images/cat/00.jpg") == "cat"
+    assert reference_category("dog/0001-2.png") == "dog"
+
+
 def test_a_coco_json_of_the_users_is_not_replaced(concept_file, targets, random_vit_t_checkpoint, tmp_path,
                                                   capsys):
     out = tmp_path / "out"

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import threading
+import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from sam.download import (
     MODELS,
     DownloadError,
     ModelFile,
+    UnverifiedCheckpointWarning,
+    cached_checkpoint,
     default_cache_dir,
     download_checkpoint,
     verify_checkpoint,
@@ -265,11 +268,113 @@ def test_cached_file_reused_without_any_request(tmp_path, server, entry):
     assert server.log == []
 
 
-def test_corrupt_cached_file_downloaded_again(tmp_path, server, entry):
-    (tmp_path / FILENAME).write_bytes(b"\0" * len(DATA))
-    path = download_checkpoint("vit_b", cache_dir=tmp_path, progress=False)
-    assert path.read_bytes() == DATA
-    assert len(server.log) == 1
+def _unverified_warnings(call):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = call()
+    return result, [str(w.message) for w in caught if issubclass(w.category, UnverifiedCheckpointWarning)]
+
+
+def _names_file_and_sha(message, path, data):
+    sha = hashlib.sha256(data).hexdigest()
+    assert str(path) in message and sha in message and "\n" not in message
+    return True
+
+
+@pytest.mark.parametrize("online", [True, False])
+def test_hand_placed_file_is_used_with_one_warning(tmp_path, server, entry, online):
+    """A file at the final name that is not the registry's was placed by hand (the downloader renames
+    only verified files into place): used as it is, never replaced, with one warning naming it and its
+    sha256, online or not."""
+    placed = b"\0" * len(DATA)  # same size, other bytes: not a download of ours
+    (tmp_path / FILENAME).write_bytes(placed)
+    if not online:
+        server.close()
+    path, messages = _unverified_warnings(lambda: download_checkpoint("vit_b", cache_dir=tmp_path, progress=False))
+    assert path == tmp_path / FILENAME and path.read_bytes() == placed
+    assert server.log == []  # nothing downloaded, nothing replaced
+    assert len(messages) == 1 and _names_file_and_sha(messages[0], path, placed)
+    assert SHA in messages[0]  # and the official one, to compare
+    # the same rule without downloading (what the persam commands use)
+    found, again = _unverified_warnings(lambda: cached_checkpoint("vit_b", cache_dir=tmp_path))
+    assert found == path and again == messages
+
+
+def test_verified_file_gives_no_warning(tmp_path, server, entry):
+    download_checkpoint("vit_b", cache_dir=tmp_path, progress=False)
+    path, messages = _unverified_warnings(lambda: download_checkpoint("vit_b", cache_dir=tmp_path, progress=False))
+    assert path.read_bytes() == DATA and messages == []
+    assert _unverified_warnings(lambda: cached_checkpoint("vit_b", cache_dir=tmp_path)) == (path, [])
+    assert cached_checkpoint("vit_b", cache_dir=tmp_path / "empty") is None
+
+
+@pytest.mark.parametrize("state", ["nothing", "partial", "hand-placed", "directory"])
+def test_offline_error_never_asks_for_what_is_already_there(tmp_path, make_server, entry, state):
+    """Offline, download_checkpoint either returns the file in the cache or fails with a message whose
+    "save it as PATH" names a path that is free (never the file that is already there)."""
+    final = tmp_path / FILENAME
+    if state == "partial":
+        (tmp_path / (FILENAME + ".part")).write_bytes(DATA[:1000])
+    elif state == "hand-placed":
+        final.write_bytes(b"not the official bytes")
+    elif state == "directory":
+        final.mkdir()
+    dead = make_server()
+    dead.close()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UnverifiedCheckpointWarning)
+            path = download_checkpoint("vit_b", cache_dir=tmp_path, url=dead.url, progress=False)
+    except DownloadError as exc:
+        message = str(exc)
+        assert state != "hand-placed", message
+        assert str(final) in message  # the error names the place
+        for asked in re.findall(r"save it as (\S+)", message):
+            assert not Path(asked).exists(), message
+        if state == "directory":
+            assert "in the way" in message and "save it as" not in message
+        else:
+            assert dead.url in message
+    else:
+        assert state == "hand-placed" and path == final
+
+
+def test_cli_download_warns_once_about_a_hand_placed_file(tmp_path, server, entry, capsys):
+    from persam.cli import main
+
+    placed = b"my own weights"
+    (tmp_path / FILENAME).write_bytes(placed)
+    assert main(["download", "vit_b", "--cache-dir", str(tmp_path), "-q"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == str(tmp_path / FILENAME) and server.log == []
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("persam: warning: ")
+    assert _names_file_and_sha(lines[0], tmp_path / FILENAME, placed)
+
+
+def test_commands_use_a_hand_placed_cached_checkpoint_with_the_same_warning(
+    tmp_path, monkeypatch, random_vit_t_checkpoint, perseg_dir, capsys
+):
+    """`persam learn` without --checkpoint takes the cached file; one that is not the official one
+    (here: seeded random weights) is used, with the API's warning as one line."""
+    from cli_testing import ref_args, run_cli, write_cat_photos
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    placed = cache / MODELS["vit_t"].filename
+    placed.write_bytes(random_vit_t_checkpoint.read_bytes())
+    monkeypatch.setenv("PERSAM_CACHE", str(cache))
+    _, api = _unverified_warnings(lambda: cached_checkpoint("vit_t"))  # download_checkpoint's rule and words
+    data = tmp_path / "data"
+    data.mkdir()
+    write_cat_photos(perseg_dir, data, 256)
+    concept = tmp_path / "cat.pt"
+    capsys.readouterr()
+    assert run_cli(["learn", *ref_args(data), "--out", concept, "--model", "vit_t", "-q"]) == 0
+    assert concept.is_file()
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warned == [f"persam: warning: {api[0]}"]
+    assert _names_file_and_sha(warned[0], placed, placed.read_bytes())
 
 
 def test_truncated_transfer_refused_then_resumed(tmp_path, make_server, monkeypatch):

@@ -74,11 +74,10 @@ def test_perseg_resume_and_pred_rescore(perseg_run, tmp_path, capsys):
 
 
 def test_perseg_resume_skips_done_images(perseg_run, checkpoint, tmp_path):
-    out = tmp_path / "resume"
-    (out / "pred").mkdir(parents=True)
     import shutil
 
-    shutil.copytree(perseg_run / "pred", out / "pred", dirs_exist_ok=True)
+    out = tmp_path / "resume"
+    shutil.copytree(perseg_run, out)  # the predictions and eval.json, which says how they were made
     assert main(["perseg", "--data", str(PERSEG), "--out", str(out), "--classes", "cat,duck_toy",
                  *_model_args(checkpoint)]) == 0
     scores = _scores(out)

@@ -157,7 +157,9 @@ def test_folded_cross_attention_equals_projected(few):
             plain = layer.attend_plain(tokens, image, values, attention_bias)
             folded = layer.attend_few_queries(tokens, image, values, attention_bias)
             assert torch.equal(layer(tokens, image, values, attention_bias), folded)  # the one taken
-            torch.testing.assert_close(folded, plain, rtol=0, atol=1e-5 * float(plain.abs().max()))
+            # folding reorders sums of 1024 products: a few values differ by up to 4e-5 of the
+            # largest on some CPUs' kernels (a wrong fold would differ by the values themselves)
+            torch.testing.assert_close(folded, plain, rtol=0, atol=5e-5 * float(plain.abs().max()))
             assert plain.abs().max() > 0.1
         plain = layer.attend_plain(image, tokens, tokens)
         folded = layer.attend_few_keys(image, tokens, tokens)

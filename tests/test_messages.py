@@ -138,6 +138,18 @@ def test_apply_out_is_a_file(files, concept_file, capsys):
     assert error_line(capsys) == f"persam: error: --out {out} is a file, not a folder"
 
 
+def test_apply_mistyped_target_is_refused_before_the_model(files, concept_file, capsys):
+    """A target that does not exist: exit 2 naming it before the checkpoint is loaded (this one
+    would not load) and before --out is made (issue 23, item 8)."""
+    unloadable = files / "cut.pt"
+    unloadable.write_bytes(b"not a checkpoint")
+    out = files / "out"
+    typo = files / "targets" / "typo.png"
+    assert run(["apply", concept_file, files / "targets" / "t.png", typo, "--out", out, *model(unloadable)]) == 2
+    assert error_line(capsys) == f"persam: error: target {typo}: no such file or folder"
+    assert not out.exists()
+
+
 def test_out_below_a_file(files, capsys):
     out = files / "a_file" / "sub"
     assert run(["segment", *ref(files), files / "targets", "--out", out]) == 2

@@ -394,3 +394,80 @@ def test_attention_of_a_constant_map_is_finite():
     for similarity in (torch.ones(1, 1), torch.full((3, 2), 0.5), torch.zeros(64, 64)):
         attention = attention_similarity(similarity, (1024, 1024), 64, 1024)
         assert torch.isfinite(attention).all()
+
+
+# --------------------------------------------------------------------------------------------
+# 8. start-up: a full disk, a refused run, this run's counts (issue 23, item 16)
+
+
+def _lock_write_fails_with_enospc(monkeypatch):
+    """Make writing the pid into the lock file fail as on a full disk (other writes go through)."""
+    import errno
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd to tell the lock file's descriptor")
+    real_write = os.write
+
+    def write(fd, data):
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")) == LOCK_FILE:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+
+
+def test_full_disk_at_start_names_the_file_and_leaves_no_lock(data, checkpoint, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    descriptors = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    with monkeypatch.context() as mp:
+        _lock_write_fails_with_enospc(mp)
+        with pytest.raises(InputError) as refused:
+            with output_lock(out):
+                pass
+        assert str(refused.value) == f"cannot write {out / LOCK_FILE}: No space left on device"
+        assert run_cli(["segment", *ref_args(data), data / "targets" / "01.jpg", "--out", out,
+                        *model_args(checkpoint)]) == 2
+        assert error_line(capsys) == f"persam: error: cannot write {out / LOCK_FILE}: No space left on device"
+    assert listing(out) == []  # no stale lock file
+    assert len(os.listdir("/proc/self/fd")) == descriptors  # and no descriptor left open
+    with output_lock(out):  # free for the next run
+        pass
+
+
+def test_refused_run_leaves_no_output_folder(data, tmp_path, capsys):
+    """--out is made only when the run starts, and removed again when the run is refused before
+    writing anything; a folder the user made stays."""
+    empty = tmp_path / "no_photos"
+    empty.mkdir()
+    out = tmp_path / "new" / "deeper" / "out"
+    assert run_cli(["segment", *ref_args(data), empty, "--out", out, *model_args(tmp_path / "x.pt")]) == 2
+    assert not (tmp_path / "new").exists()
+    assert "no target images found" in error_line(capsys)  # found before the checkpoint is looked for
+    unloadable = tmp_path / "cut.pt"
+    unloadable.write_bytes(b"not a checkpoint")
+    assert run_cli(["segment", *ref_args(data), data / "targets" / "01.jpg", "--out", out,
+                    *model_args(unloadable)]) == 2  # refused after --out was locked, when the model loads
+    assert "cut.pt" in error_line(capsys)
+    assert not (tmp_path / "new").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    assert run_cli(["segment", *ref_args(data), data / "targets" / "01.jpg", "--out", mine,
+                    *model_args(unloadable)]) == 2
+    assert mine.is_dir() and listing(mine) == []
+
+
+def test_summary_counts_this_runs_images(data, checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    assert run_cli(["segment", *ref_args(data), data / "targets" / "01.jpg", broken, "--out", out,
+                    *model_args(checkpoint)]) == 1
+    capsys.readouterr()
+    # another image into the same folder: the earlier run's two records are kept, not counted
+    assert run_cli(["segment", *ref_args(data), data / "targets" / "02.jpg", "--out", out,
+                    *model_args(checkpoint)]) == 0  # the earlier run's failure is not this run's
+    summary = [line for line in capsys.readouterr().err.splitlines() if " segmented, " in line]
+    assert len(summary) == 1 and summary[0].startswith("1 segmented, 0 already done, 0 skipped, 0 failed, ")
+    assert "results.json also keeps 2 record(s) of other images from earlier runs" in summary[0]
+    assert strict_json(out / "results.json")["summary"]["images"] == 3  # the file itself keeps all three

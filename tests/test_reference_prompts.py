@@ -52,3 +52,58 @@ def test_clicks_or_box_but_not_both():
         reference_mask_from_prompts(predictor)
     with pytest.raises(ValueError):
         reference_mask_from_prompts(predictor, points=[[1, 1]], box=[0, 0, 2, 2])
+
+
+# --------------------------------------------------------------------------------------------
+# `persam learn / segment`: which reference image each prompt belongs to (issue 23, item 10)
+
+
+def _prompts(*argv):
+    from persam import cli
+
+    args = cli.build_parser().parse_args(["learn", *argv, "--out", "c.pt"])
+    return [(p.image, p.mask, p.points, p.box) for p in cli._reference_prompts(args)]
+
+
+def test_each_prompt_belongs_to_the_reference_image_it_follows():
+    assert _prompts("--ref-image", "a.jpg", "--ref-point", "1,2", "--ref-point", "3,4",
+                    "--ref-image", "b.jpg", "--ref-box", "0,0,5,6") == [
+        ("a.jpg", None, [(1.0, 2.0), (3.0, 4.0)], None), ("b.jpg", None, None, (0.0, 0.0, 5.0, 6.0))]
+    # a mask for one, a click for another, a box for a third
+    assert _prompts("--ref-image", "a.jpg", "--ref-mask", "a.png", "--ref-image", "b.jpg", "--ref-point", "7,8",
+                    "--ref-image", "c.jpg", "--ref-box", "1,1,4,4") == [
+        ("a.jpg", "a.png", None, None), ("b.jpg", None, [(7.0, 8.0)], None), ("c.jpg", None, None, (1.0, 1.0, 4.0, 4.0))]
+
+
+def test_the_forms_accepted_before_stay_accepted():
+    # one reference image: its prompts in any order around it
+    assert _prompts("--ref-point", "1,2", "--ref-image", "a.jpg", "--ref-point", "3,4") == [
+        ("a.jpg", None, [(1.0, 2.0), (3.0, 4.0)], None)]
+    assert _prompts("--ref-box", "0,0,5,6", "--ref-image", "a.jpg") == [("a.jpg", None, None, (0.0, 0.0, 5.0, 6.0))]
+    # masks only: the k-th mask is the k-th image's, wherever it is given
+    assert _prompts("--ref-image", "a.jpg", "--ref-image", "b.jpg", "--ref-mask", "a.png", "--ref-mask", "b.png") == [
+        ("a.jpg", "a.png", None, None), ("b.jpg", "b.png", None, None)]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--ref-point", "1,2", "--ref-image", "a.jpg", "--ref-image", "b.jpg", "--ref-box", "0,0,5,6"],
+     ["--ref-point 1,2", "before"]),
+    (["--ref-image", "a.jpg", "--ref-image", "b.jpg", "--ref-point", "1,2"], ["a.jpg", "no --ref-mask"]),
+    (["--ref-image", "a.jpg", "--ref-point", "1,2", "--ref-box", "0,0,5,6", "--ref-image", "b.jpg", "--ref-point", "3,3"],
+     ["a.jpg", "not both"]),
+    (["--ref-image", "a.jpg", "--ref-box", "0,0,5,6", "--ref-box", "1,1,5,6", "--ref-image", "b.jpg",
+      "--ref-point", "3,3"], ["a.jpg", "one --ref-box"]),
+    (["--ref-image", "a.jpg", "--ref-mask", "a.png", "--ref-point", "1,1", "--ref-image", "b.jpg", "--ref-point", "3,3"],
+     ["a.jpg", "not both"]),
+    (["--ref-image", "a.jpg", "--ref-mask", "a.png", "--ref-mask", "b.png"], ["1 --ref-image", "2 --ref-mask"]),
+    (["--ref-image", "a.jpg", "--ref-image", "b.jpg", "--ref-mask", "a.png"], ["2 --ref-image", "1 --ref-mask"]),
+    (["--ref-image", "a.jpg", "--ref-box", "0,0,5,6", "--ref-box", "1,1,5,6"], ["one --ref-box"]),
+    (["--ref-image", "a.jpg"], ["--ref-mask MASK", "--ref-point X,Y", "--ref-box"]),
+])
+def test_ambiguous_reference_prompts_are_refused_in_one_line(argv, words):
+    from persam.io import InputError
+
+    with pytest.raises(InputError) as caught:
+        _prompts(*argv)
+    message = str(caught.value)
+    assert "\n" not in message and all(w in message for w in words), message

@@ -11,6 +11,7 @@ frame seen by an earlier run costs only the decoder.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 
 import cv2
@@ -129,6 +130,31 @@ def overlay_frames(out):
     return frames, fps
 
 
+def video_stream(path):
+    """(codec, pixel format, (width, height), frames) of a video's first stream, as FFmpeg (PyAV) reads it."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        context = stream.codec_context
+        frames = sum(1 for _ in container.decode(stream))
+        return context.name, context.pix_fmt, (context.width, context.height), frames
+
+
+def mp4_boxes(path):
+    """The top-level boxes of an MP4 file, in order."""
+    data, boxes, at = path.read_bytes(), [], 0
+    while at + 8 <= len(data):
+        size = int.from_bytes(data[at:at + 4], "big")
+        boxes.append(data[at + 4:at + 8].decode("latin-1"))
+        if size == 1:
+            size = int.from_bytes(data[at + 8:at + 16], "big")
+        if size < 8:
+            break
+        at += size
+    return boxes
+
+
 @pytest.fixture(scope="module")
 def tracked(lossless_video, car, random_vit_t_checkpoint, encoder, tmp_path_factory):
     """One run over all 40 frames, the reference the first annotation (on frame 0)."""
@@ -160,12 +186,17 @@ def test_one_object_forty_frames(tracked, car):
     expected = frames[0][inside] * 0.5 + np.array([128, 0, 0]) * 0.5
     assert np.abs(video[0][inside].astype(float) - expected).mean() < 12
     assert sorted(p.name for p in out.iterdir()) == masks + ["overlay.mp4", "results.json"]  # no temp files left
+    # what browsers play: H.264 in 4:2:0, the index (moov) before the data so that it plays while it loads
+    assert video_stream(out / "overlay.mp4") == ("h264", "yuv420p", (854, 480), 40)
+    boxes = mp4_boxes(out / "overlay.mp4")
+    assert boxes[0] == "ftyp" and boxes.index("moov") < boxes.index("mdat")
 
     results = strict_json(out / "results.json")
     assert results["format"] == "persam-track" and results["objects"] == [1]
     assert results["frame_count"] == 40 and results["size"] == [854, 480] and results["stopped"] is None
     assert [r["index"] for r in results["frames"]] == list(range(40))
     assert set(results["files"]) == set(masks) | {"overlay.mp4", "results.json"}
+    assert results["overlay"] == {"file": "overlay.mp4", "codec": "h264", "size": [854, 480], "frames": list(range(40))}
     for record in results["frames"]:
         assert record["mask"] == f"{record['index']:05d}.png"
         assert record["time_s"] >= record["encode_s"] > 0
@@ -313,6 +344,98 @@ def test_truncated_video_keeps_what_was_done(tracked, lossless_video, car, rando
     encoder.take()
     assert run_cli(argv) == 1  # again: nothing to redo, the same answer
     assert f"stopped at frame {readable}" in capsys.readouterr().err and encoder.take() == []
+
+
+# --------------------------------------------------------------------------------------------
+# the overlay video: H.264, else VP9 in WebM; an older persam's mp4v written again
+
+
+def odd_clip(car, folder, count=3):
+    """The first `count` car-shadow frames at 213 x 119 (odd: H.264 and VP9 need even sides) as a folder of
+    PNG frames (OpenCV's video writers make the sides even), and the first annotation's mask at that size."""
+    frames, annotation = car
+    size = (SMALL[0] - 1, SMALL[1] - 1)
+    video = folder / "odd"
+    video.mkdir()
+    for i, frame in enumerate(frames[:count]):
+        cv2.imwrite(str(video / f"{i:05d}.png"), cv2.cvtColor(cv2.resize(frame, size, interpolation=cv2.INTER_AREA),
+                                                              cv2.COLOR_RGB2BGR))
+    mask = folder / "odd_mask.png"
+    cv2.imwrite(str(mask), cv2.resize((load_label_map(annotation) == 1).astype(np.uint8) * 255, size,
+                                      interpolation=cv2.INTER_NEAREST))
+    return video, mask
+
+
+def test_overlay_is_webm_without_pyav_and_an_old_mp4v_one_is_made_again(car, random_vit_t_checkpoint, encoder,
+                                                                      tmp_path, capsys, monkeypatch):
+    import persam.track
+
+    video, mask = odd_clip(car, tmp_path)
+    out = tmp_path / "out"
+    argv = ["track", video, "--ref-mask", mask, "--out", out, *model_args(random_vit_t_checkpoint)]
+    masks = [f"{i:05d}.png" for i in range(3)]
+    capsys.readouterr()
+    with monkeypatch.context() as patch:  # as where PyAV is not installed
+        patch.setattr(persam.track, "_pyav_h264", lambda: "PyAV (the av package) is not installed")
+        assert run_cli(argv) == 0
+    err = capsys.readouterr().err
+    assert "the overlay video is overlay.webm (VP9" in err and "PyAV (the av package) is not installed" in err
+    assert f"overlay {out / 'overlay.webm'}" in err  # the summary names the file written
+    assert sorted(p.name for p in out.iterdir()) == masks + ["overlay.webm", "results.json"]
+    results = strict_json(out / "results.json")
+    assert results["overlay"] == {"file": "overlay.webm", "codec": "vp9", "size": [214, 120], "frames": [0, 1, 2]}
+    assert set(results["files"]) == set(masks) | {"overlay.webm", "results.json"}
+    assert video_stream(out / "overlay.webm") == ("vp9", "yuv420p", (214, 120), 3)  # one column and row more
+    decoded, fps = read_video(out / "overlay.webm")
+    assert len(decoded) == 3 and fps == pytest.approx(24.0)
+    assert np.abs(decoded[0][:, 213].astype(float) - decoded[0][:, 212]).mean() < 8  # the added column: a copy
+
+    # PyAV back: the WebM plays in browsers, so it is kept
+    encoder.take()
+    assert run_cli(argv) == 0
+    assert "already done" in capsys.readouterr().err and encoder.take() == []
+    assert strict_json(out / "results.json")["overlay"]["file"] == "overlay.webm"
+
+    # a folder of an older persam: overlay.mp4 in mp4v, no codec recorded; it is made again in H.264 from the
+    # masks, without the model, and the WebM (persam's) goes
+    write_video(out / "overlay.mp4", [np.zeros((119, 213, 3), np.uint8)] * 3)
+    assert video_stream(out / "overlay.mp4")[0] == "mpeg4"
+    earlier = strict_json(out / "results.json")
+    earlier["overlay"] = {"file": "overlay.mp4", "frames": [0, 1, 2]}
+    earlier["files"] = sorted(set(earlier["files"]) | {"overlay.mp4"})
+    (out / "results.json").write_text(json.dumps(earlier))
+    assert run_cli(argv) == 0
+    assert encoder.take() == []
+    assert sorted(p.name for p in out.iterdir()) == masks + ["overlay.mp4", "results.json"]
+    results = strict_json(out / "results.json")
+    assert results["overlay"] == {"file": "overlay.mp4", "codec": "h264", "size": [214, 120], "frames": [0, 1, 2]}
+    assert set(results["files"]) == set(masks) | {"overlay.mp4", "results.json"}
+    assert video_stream(out / "overlay.mp4") == ("h264", "yuv420p", (214, 120), 3)
+    h264, _ = read_video(out / "overlay.mp4")
+    assert np.abs(h264[0].astype(float) - decoded[0]).mean() < 8  # the same picture
+
+
+def test_no_frame_reached_writes_no_overlay(car, random_vit_t_checkpoint, encoder, tmp_path, capsys):
+    frames, annotation = car
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, frame in enumerate(frames[:4]):
+        cv2.imwrite(str(folder / f"{i:05d}.png"), cv2.cvtColor(small(frame), cv2.COLOR_RGB2BGR))
+    (folder / "00002.png").write_bytes(b"not a png")
+    mask = tmp_path / "mask.png"
+    cv2.imwrite(str(mask), small_labels(load_label_map(annotation) == 1) * 255)
+    out = tmp_path / "out"
+    argv = ["track", folder, "--ref-mask", mask, "--start", 2, "--out", out, *model_args(random_vit_t_checkpoint)]
+    encoder.take()
+    capsys.readouterr()
+    for _ in range(2):  # again: the same answer, nothing redone
+        assert run_cli(argv) == 1
+        assert "stopped at frame 2" in capsys.readouterr().err
+        results = strict_json(out / "results.json")
+        assert results["frames"] == [] and results["stopped"]["frame"] == 2
+        assert results["overlay"] == {"file": None, "codec": None, "size": [214, 120], "frames": []}
+        assert sorted(p.name for p in out.iterdir()) == ["results.json"]
+    assert encoder.take() == []
 
 
 # --------------------------------------------------------------------------------------------

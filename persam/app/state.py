@@ -8,9 +8,15 @@
   cache bounded in entries (4 MiB each) and shared by all sessions under per-session keys.  A click
   on the reference, a new method or threshold only decodes; an image is encoded again only after
   its embedding was evicted.
-* **Sessions never mix.**  Each session keeps its uploads in its own folder and looks its images
-  up by random ids in its own tables; the sessions are bounded too (least recently used first out,
-  folder removed).
+* **Sessions never mix.**  Each session keeps its uploads in its own folder (bounded in bytes)
+  and looks its images up by random ids in its own tables.  A session is made only when a person
+  starts one (:meth:`AppState.new_session`, the server's first state-changing request); the
+  sessions are bounded, and a new one replaces the least recently used session that has been idle
+  for a while (its folder removed), never one that is working: the app refuses the new one
+  instead (:class:`AppFull`).
+* **Nothing is decoded that is too large.**  Every uploaded or server-side image (reference,
+  mask, target) has its size read from its header and checked against ``max_megapixels`` before
+  it is decoded (:func:`check_pixels`).
 * **The method is persam's.**  Clicks go through :func:`persam.target.reference_mask_from_prompts`,
   learning through :func:`persam.pipeline.learn_concept`, targets through
   :func:`persam.pipeline.segment` / :func:`persam.multi.segment_objects`, heat maps through
@@ -29,17 +35,19 @@ import hashlib
 import io
 import json
 import math
+import os
 import re
 import secrets
 import shutil
 import tempfile
 import threading
 import time
+import warnings
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -47,14 +55,17 @@ import numpy as np
 from sam.predictor import ImageEmbedding, SamPredictor
 
 from ..io import InputError, check_reference_mask, load_image, load_mask
+from ..sources import ExpansionLimits
 
 __all__ = [
     "AppConfig",
+    "AppFull",
     "AppState",
     "EmbeddingCache",
     "NotFound",
     "Session",
     "SessionPredictor",
+    "check_pixels",
 ]
 
 EMBEDDING_MIB = 4  # one 1 x 256 x 64 x 64 fp32 embedding
@@ -64,6 +75,7 @@ MAX_CLICKS = 64
 PREVIEW_SIDE = 1024  # the reference as the page shows it (clicks are mapped back to full size)
 GALLERY_SIDE = 768  # overlays and heat maps in the gallery
 THUMB_SIDE = 160
+FOLDER_LIMITS = ExpansionLimits(max_entries=200_000, max_seconds=30.0)  # a person waits for a server folder's listing
 CONCEPT_IN_ZIP = "reference.concept"
 
 
@@ -74,6 +86,14 @@ class NotFound(KeyError):
         return str(self.args[0]) if self.args else "not found"
 
 
+class AppFull(RuntimeError):
+    """No room for a new session: every session the app keeps is working or was used recently."""
+
+
+class SessionClosed(RuntimeError):
+    """The session was evicted (or the app stopped) while a request of it waited for its turn."""
+
+
 @dataclass
 class AppConfig:
     model_type: str
@@ -82,15 +102,19 @@ class AppConfig:
     max_sessions: int = 8
     max_embeddings: int = 48  # x 4 MiB
     max_megapixels: float = 50.0
-    max_upload_mb: float = 64.0
+    max_upload_mb: float = 64.0  # one file (a request's body may be 1 MiB more, for the form around it)
+    max_session_mb: float = 1024.0  # the uploads a session keeps on disk, all together
+    session_idle_s: float = 600.0  # a session used more recently than this is never replaced by a new one
     allow_folders: bool = False  # read target images from a folder on the server
     work_dir: Optional[Path] = None  # uploads go below it (default: a new temporary folder)
 
     def __post_init__(self) -> None:
         if self.max_sessions < 1 or self.max_embeddings < 1:
             raise ValueError("max_sessions and max_embeddings must be at least 1")
-        if not (self.max_megapixels > 0 and self.max_upload_mb > 0):
-            raise ValueError("max_megapixels and max_upload_mb must be positive")
+        if not (self.max_megapixels > 0 and self.max_upload_mb > 0 and self.max_session_mb > 0):
+            raise ValueError("max_megapixels, max_upload_mb and max_session_mb must be positive")
+        if not self.session_idle_s >= 0:
+            raise ValueError("session_idle_s must be at least 0")
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,6 +257,7 @@ class Item:
     height: Optional[int] = None
     key: Optional[str] = None  # pixels_key, once the image was read
     uploaded: bool = True  # False: a file in a folder on the server (read where it is)
+    sha256: Optional[str] = None  # of the file (uploads: when stored; folder files: when first segmented)
 
     def info(self) -> dict:
         return {"id": self.id, "name": self.name, "width": self.width, "height": self.height}
@@ -261,10 +286,33 @@ class Reference(Item):
 
 
 @dataclass
+class Drawing:
+    """What the overlay of a target's last result shows, at the image's full size: its masks
+    (PNG bytes, a few kB each, not H x W arrays kept for every target), prompt points and boxes."""
+
+    masks: List[bytes]
+    points: np.ndarray  # N x 2
+    labels: np.ndarray  # N
+    boxes: np.ndarray  # M x 4
+
+    def picture(self, image: np.ndarray, scale: float = 1.0) -> np.ndarray:
+        """The overlay over `image` (the target scaled by `scale`)."""
+        from .. import visualize
+
+        size = (image.shape[1], image.shape[0])
+        masks = [_shrink_mask(cv2.imdecode(np.frombuffer(m, np.uint8), cv2.IMREAD_GRAYSCALE) > 0, size)
+                 for m in self.masks]
+        return visualize.overlay(image, masks, self.points * scale if len(self.points) else None,
+                                 self.labels if len(self.labels) else None,
+                                 self.boxes * scale if len(self.boxes) else None)
+
+
+@dataclass
 class Target(Item):
     thumb: bytes = b""  # JPEG, THUMB_SIDE
     result: Optional[dict] = None
     overlay: bytes = b""  # JPEG of the last result, GALLERY_SIDE
+    drawing: Optional[Drawing] = None  # the last result, for the full-size overlay
     version: int = 0
 
     def info(self) -> dict:
@@ -329,6 +377,27 @@ def _mask_data_url(mask: np.ndarray, size: Tuple[int, int]) -> str:
     return "data:image/png;base64," + base64.b64encode(_png(rgba)).decode("ascii")
 
 
+def check_pixels(path: Path, name: str, limit_megapixels: float) -> None:
+    """InputError when the image at `path` is over `limit_megapixels`, from its header alone
+    (Pillow's lazy open reads the size, not the pixels).  A file Pillow cannot open passes:
+    loading it fails later with the loader's own message (and decodes nothing)."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below is the app's
+            with Image.open(path) as img:
+                width, height = img.size
+    except Image.DecompressionBombError:
+        raise InputError(f"{name}: the image is far too large (over {Image.MAX_IMAGE_PIXELS * 2 / 1e6:.0f} "
+                         f"megapixels; the app accepts at most {limit_megapixels:g})") from None
+    except Exception:  # not an image: the loader says so in its words
+        return
+    if width * height > limit_megapixels * 1e6:
+        raise InputError(f"{name}: the image is {width}x{height} ({width * height / 1e6:.0f} megapixels), larger than "
+                         f"the app's limit of {limit_megapixels:g} megapixels; downscale it first")
+
+
 def _rounded(value: Optional[float], digits: int = 4) -> Optional[float]:
     return None if value is None or not math.isfinite(value) else round(float(value), digits)
 
@@ -346,7 +415,9 @@ class Settings:
         from ..run import MAX_LABELS
 
         data = data or {}
-        multi = bool(data.get("multi", False))
+        multi = data.get("multi", False)
+        if not isinstance(multi, bool):  # bool("false") is True: a string is not read as a yes
+            raise InputError(f"multi must be true or false, not {multi!r}")
         try:
             max_objects = int(data.get("max_objects", 5))
         except (TypeError, ValueError):
@@ -378,6 +449,9 @@ class Session:
         self.id = session_id
         self.dir = Path(tempfile.mkdtemp(prefix="session-", dir=app.work_dir))
         self.lock = threading.RLock()  # one request of the session at a time
+        self.closed = False  # evicted (or the app stopped): its requests are refused, its folder is gone
+        self.active = 0  # requests of this session in progress (or waiting for the lock)
+        self.last_used = time.monotonic()
         self.predictor = SessionPredictor(app.model, app.embeddings, session_id)
         self.references: "OrderedDict[str, Reference]" = OrderedDict()
         self.targets: "OrderedDict[str, Target]" = OrderedDict()
@@ -387,20 +461,68 @@ class Session:
         self.concept_name = "concept"
 
     def close(self) -> None:
+        """Remove the session's files (the caller holds its lock, or the app is stopping)."""
+        self.closed = True
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def begin(self) -> None:
+        """A request of this session starts: it is working (never replaced by a new session)."""
+        self.active += 1
+        self.last_used = time.monotonic()
+
+    def end(self) -> None:
+        self.active -= 1
+        self.last_used = time.monotonic()
+
+    def working(self, idle_s: float, now: Optional[float] = None) -> bool:
+        """True while a request of it runs or waits, and for `idle_s` seconds after its last one."""
+        now = time.monotonic() if now is None else now
+        return self.active > 0 or now - self.last_used < idle_s
+
+    def is_empty(self) -> bool:
+        return not self.references and not self.targets and self.concept is None
+
+    def run(self, work: Callable[["Session"], object]):
+        """work(self) under the session's lock; SessionClosed when it was evicted meanwhile."""
+        with self.lock:
+            if self.closed:
+                raise SessionClosed(self.id)
+            return work(self)
+
+    def disk_bytes(self) -> int:
+        """Bytes of the files in the session's folder."""
+        total = 0
+        for root, _, files in os.walk(self.dir):
+            for name in files:
+                try:
+                    total += os.lstat(os.path.join(root, name)).st_size
+                except OSError:
+                    pass
+        return total
 
     # uploads
 
     def _new_id(self) -> str:
         return secrets.token_hex(8)
 
-    def _store(self, kind: str, filename: Optional[str], stream) -> Tuple[Path, str]:
-        """Copy an upload into the session folder (at most max_upload_mb); its path and safe name."""
+    def _store(self, kind: str, filename: Optional[str], stream) -> Tuple[Path, str, str]:
+        """Copy an upload into the session folder (at most max_upload_mb, and the session's files
+        together at most max_session_mb); its path, safe name and sha256."""
+        config = self.app.config
         name = _safe_name(filename)
+        room = int(config.max_session_mb * 2**20) - self.disk_bytes()
+        limit = min(int(config.max_upload_mb * 2**20), room)
+        session_full = InputError(
+            f"{name}: this session already keeps {(int(config.max_session_mb * 2**20) - room) / 2**20:.0f} MB of "
+            f"uploads, and the app keeps at most {config.max_session_mb:g} MB per session; remove some images first "
+            f"(or use `persam segment` for large batches)")
+        if room <= 0:
+            raise session_full
+        (self.dir / kind).mkdir(exist_ok=True)  # not parents: an evicted session's folder is not made again
         folder = self.dir / kind / self._new_id()
-        folder.mkdir(parents=True)
+        folder.mkdir()
         path = folder / name
-        limit = int(self.app.config.max_upload_mb * 2**20)
+        digest = hashlib.sha256()
         size = 0
         with open(path, "wb") as out:
             while True:
@@ -411,39 +533,29 @@ class Session:
                 if size > limit:
                     out.close()
                     shutil.rmtree(folder, ignore_errors=True)
-                    raise InputError(f"{name}: larger than the app's upload limit of {self.app.config.max_upload_mb:g} MB")
+                    if limit == room:
+                        raise session_full
+                    raise InputError(f"{name}: larger than the app's upload limit of {config.max_upload_mb:g} MB")
+                digest.update(chunk)
                 out.write(chunk)
         if size == 0:
             shutil.rmtree(folder, ignore_errors=True)
             raise InputError(f"{name}: the file is empty")
-        return path, name
+        return path, name, digest.hexdigest()
 
     def _read_image(self, path: Path, name: str) -> np.ndarray:
         """Load an image the way the command line does, after checking its size in the header."""
-        from PIL import Image
-
-        limit = self.app.config.max_megapixels
-        try:
-            with Image.open(path) as img:
-                width, height = img.size
-        except Image.DecompressionBombError:
-            raise InputError(f"{name}: the image is far too large (over {Image.MAX_IMAGE_PIXELS * 2 / 1e6:.0f} "
-                             f"megapixels; the app accepts at most {limit:g})") from None
-        except Exception:  # not an image: load_image says so in its words
-            width = height = 0
-        if width * height > limit * 1e6:
-            raise InputError(f"{name}: the image is {width}x{height} ({width * height / 1e6:.0f} megapixels), larger than "
-                             f"the app's limit of {limit:g} megapixels; downscale it first")
+        check_pixels(path, name, self.app.config.max_megapixels)
         try:
             image = load_image(path)
         except InputError as exc:
             raise InputError(str(exc).replace(str(path), name)) from None
         return image if image.flags.writeable else image.copy()
 
-    def _ingest(self, kind: str, filename: Optional[str], stream) -> Tuple[Path, str, np.ndarray]:
-        path, name = self._store(kind, filename, stream)
+    def _ingest(self, kind: str, filename: Optional[str], stream) -> Tuple[Path, str, str, np.ndarray]:
+        path, name, sha256 = self._store(kind, filename, stream)
         try:
-            return path, name, self._read_image(path, name)
+            return path, name, sha256, self._read_image(path, name)
         except BaseException:
             shutil.rmtree(path.parent, ignore_errors=True)
             raise
@@ -460,10 +572,10 @@ class Session:
         """Upload a reference image; it is encoded now, so that clicks only decode."""
         if len(self.references) >= MAX_REFERENCES:
             raise InputError(f"at most {MAX_REFERENCES} reference images; remove one first")
-        path, name, image = self._ingest("references", filename, stream)
+        path, name, sha256, image = self._ingest("references", filename, stream)
         height, width = image.shape[:2]
         preview, _ = _shrink(image, PREVIEW_SIDE)
-        ref = Reference(self._new_id(), name, path, width, height, pixels_key(image),
+        ref = Reference(self._new_id(), name, path, width, height, pixels_key(image), sha256=sha256,
                         preview=_jpeg(preview, 90), preview_size=(preview.shape[1], preview.shape[0]))
         start = time.perf_counter()
         encoded = self.predictor.select(ref.key, lambda: image)
@@ -545,8 +657,9 @@ class Session:
     def set_mask_file(self, ref_id: str, filename: Optional[str], stream) -> dict:
         """The reference's mask from a file (as --ref-mask): same size as the image, not empty, not full."""
         ref = self.reference(ref_id)
-        path, name = self._store("masks", filename, stream)
+        path, name, _ = self._store("masks", filename, stream)
         try:
+            check_pixels(path, name, self.app.config.max_megapixels)  # before the mask is decoded
             mask = load_mask(path, (ref.height, ref.width))
             mask = check_reference_mask(mask, name)
         except InputError as exc:
@@ -625,7 +738,7 @@ class Session:
         """A concept file from `persam learn` or this page; refused when learned with another model."""
         from ..concept import load_concept
 
-        path, name = self._store("concepts", filename, stream)
+        path, name, _ = self._store("concepts", filename, stream)
         try:
             concept = load_concept(path, model_type=self.app.config.model_type,
                                    checkpoint_sha256=self.app.checkpoint_sha256())
@@ -653,33 +766,42 @@ class Session:
     def add_target(self, filename: Optional[str], stream) -> dict:
         """Upload a target image (checked now; encoded when it is first segmented)."""
         self._room_for_targets()
-        path, name, image = self._ingest("targets", filename, stream)
+        path, name, sha256, image = self._ingest("targets", filename, stream)
         thumb, _ = _shrink(image, THUMB_SIDE)
-        t = Target(self._new_id(), name, path, image.shape[1], image.shape[0], pixels_key(image), thumb=_jpeg(thumb, 80))
+        t = Target(self._new_id(), name, path, image.shape[1], image.shape[0], pixels_key(image), sha256=sha256,
+                   thumb=_jpeg(thumb, 80))
         self.targets[t.id] = t
         return t.info()
 
-    def add_folder(self, folder: str) -> List[dict]:
-        """Every image in a folder (or glob pattern) on the server, read where it is when segmented."""
-        from ..run import expand_targets
+    def add_folder(self, folder: str) -> Tuple[List[dict], List[str]]:
+        """Every image in a folder (or glob pattern) on the server, read where it is when segmented;
+        and the expansion's notes.  Expanded as the command line expands a SOURCE
+        (:func:`persam.sources.expand_targets`: no folder listed twice, only regular files, bounded
+        by FOLDER_LIMITS with a message naming the pattern)."""
+        from ..sources import expand_targets, is_uri
 
         if not self.app.config.allow_folders:
-            raise InputError("reading folders on the server is off: the app listens beyond this machine "
-                             "(start it with --allow-folders to allow it), upload the images instead")
+            raise InputError("reading folders on the server is off (start the app with --allow-folders to allow "
+                             "it); upload the images instead")
         folder = str(folder or "").strip()
         if not folder:
             raise InputError("give a folder path on the server")
-        paths, warnings = expand_targets([folder])
-        paths = [p for p in paths if p.is_file()]
+        if is_uri(folder):
+            raise InputError(f"{folder}: the page reads folders on the server, not URIs; use `persam segment` "
+                             f"or `persam apply` for those")
+        found, notes = expand_targets([folder], FOLDER_LIMITS)
+        paths = [p for p in found if p.is_file()]
         if not paths:
-            raise InputError(warnings[0] if warnings else f"{folder}: no image files there")
+            if found and not any(p.exists() for p in found):
+                raise InputError(f"{folder}: no such file or folder on the server")
+            raise InputError(notes[0] if notes else f"{folder}: no image files there")
         self._room_for_targets(len(paths))
         added = []
         for p in paths:
             t = Target(self._new_id(), str(p), p, uploaded=False)
             self.targets[t.id] = t
             added.append(t.info())
-        return added
+        return added, [str(n) for n in notes]
 
     def remove_target(self, target_id: str) -> None:
         t = self.target(target_id)
@@ -697,9 +819,30 @@ class Session:
             t.key, t.width, t.height = pixels_key(image), image.shape[1], image.shape[0]
         return image
 
+    def _concept_references(self) -> List[Reference]:
+        """The references the concept was learned from (none for a loaded concept file)."""
+        if self.concept_source != "references":
+            return []
+        return [r for r in self.references.values() if r.mask is not None]
+
+    def _is_reference(self, t: Target) -> bool:
+        """True when the target is one of the concept's reference images: the same file or the same
+        content (sha256), as the command line skips it (persam.run's reference_images)."""
+        refs = self._concept_references()
+        if not refs:
+            return False
+        if t.sha256 is None and not t.uploaded:
+            from ..run import file_sha256
+
+            try:
+                t.sha256 = file_sha256(t.path)
+            except OSError:
+                return False
+        return any(t.path == r.path or (t.sha256 is not None and t.sha256 == r.sha256) for r in refs)
+
     def segment_target(self, target_id: str, settings: Settings) -> dict:
-        """Find the concept in one target (encoded once, then decoded from its cached embedding)."""
-        from .. import visualize
+        """Find the concept in one target (encoded once, then decoded from its cached embedding).
+        A target that is one of the concept's reference images is skipped, as the command line does."""
         from ..locate import similarity_grid, similarity_map
         from ..multi import segment_objects
         from ..pipeline import segment
@@ -707,10 +850,15 @@ class Session:
         t = self.target(target_id)
         concept = self._require_concept()
         start = time.perf_counter()
+        if self._is_reference(t):
+            from ..run import REFERENCE_IMAGE
+
+            t.result, t.overlay, t.drawing = {"status": "skipped", "reason": REFERENCE_IMAGE}, b"", None
+            return t.info()
         try:
             image = self._load_target(t)
         except InputError as exc:  # a folder target that cannot be read: its card says so
-            t.result, t.overlay = {"status": "error", "error": str(exc)}, b""
+            t.result, t.overlay, t.drawing = {"status": "error", "error": str(exc)}, b"", None
             return t.info()
         encoded = self.predictor.select(t.key, lambda: image)
         encoded_at = time.perf_counter()
@@ -727,17 +875,15 @@ class Session:
                                         self.predictor.upscale).max())
         done = time.perf_counter()
 
-        small, scale = _shrink(image, GALLERY_SIDE)
-        size = (small.shape[1], small.shape[0])
-        points = [np.asarray(s.points, np.float32).reshape(-1, 2) * scale for s in segs]
+        points = [np.asarray(s.points, np.float32).reshape(-1, 2) for s in segs]
         labels = [np.asarray(s.labels).reshape(-1) for s in segs]
-        boxes = [np.asarray(s.box, np.float32) * scale for s in found if s.box is not None]
-        picture = visualize.overlay(
-            small, [_shrink_mask(s.mask, size) for s in found],
-            np.concatenate(points) if points else None, np.concatenate(labels) if labels else None,
-            np.stack(boxes) if boxes else None,
-        )
-        t.overlay = _jpeg(picture)
+        boxes = [np.asarray(s.box, np.float32).reshape(4) for s in found if s.box is not None]
+        t.drawing = Drawing([_png(np.asarray(s.mask, bool).astype(np.uint8) * 255) for s in found],
+                            np.concatenate(points) if points else np.zeros((0, 2), np.float32),
+                            np.concatenate(labels) if labels else np.zeros(0, np.int64),
+                            np.stack(boxes) if boxes else np.zeros((0, 4), np.float32))
+        small, scale = _shrink(image, GALLERY_SIDE)
+        t.overlay = _jpeg(t.drawing.picture(small, scale))
         t.version += 1
         first = found[0] if found else (segs[0] if segs else None)
         if first is not None and not len(first.points):  # below the threshold: no mask was predicted
@@ -764,8 +910,16 @@ class Session:
             "encode_s": round(encoded_at - start, 3),
             "segment_s": round(done - encoded_at, 3),
             "overlay": f"/api/targets/{t.id}/overlay.jpg?v={t.version}",
+            "full": f"/api/targets/{t.id}/full.jpg?v={t.version}",
         }
         return t.info()
+
+    def full_overlay(self, target_id: str) -> bytes:
+        """The overlay of the target's last result at the image's full size (JPEG), as the zip's."""
+        t = self.target(target_id)
+        if t.drawing is None:
+            raise NotFound(f"no result for {t.name} yet: run first")
+        return _jpeg(t.drawing.picture(self._load_target(t)), 90)
 
     def similarity_png(self, target_id: str) -> bytes:
         """The target-similarity heat map of a target (as --save-similarity), gallery size."""
@@ -801,7 +955,7 @@ class Session:
             work.mkdir(parents=True)
             concept_file = work / CONCEPT_IN_ZIP
             concept_file.write_bytes(data)
-            refs = [r for r in self.references.values() if r.mask is not None] if self.concept_source == "references" else []
+            refs = self._concept_references()
             ref_masks = [f"reference_mask_{k}.png" if len(refs) > 1 else "reference_mask.png"
                          for k, _ in enumerate(refs, start=1)]
             info = {"model_type": self.app.config.model_type,
@@ -817,7 +971,8 @@ class Session:
                          "precision": self.app.config.precision}
             options = RunOptions(multi=settings.multi, max_objects=settings.max_objects,
                                  min_similarity=settings.min_similarity, progress=False, info=info,
-                                 made_with=made_with, extra_outputs=(CONCEPT_IN_ZIP, *ref_masks))
+                                 made_with=made_with, extra_outputs=(CONCEPT_IN_ZIP, *ref_masks),
+                                 reference_images=tuple(r.path for r in refs))
             targets = list(self.targets.values())
             with OutputFolder(out, options, log=lambda line: None) as folder:
                 planned = folder.plan([t.path for t in targets])
@@ -856,7 +1011,8 @@ class Session:
 
 
 class AppState:
-    """The model, the embedding cache and the sessions (least recently used first out)."""
+    """The model, the embedding cache and the sessions (at most max_sessions; a new one replaces the
+    least recently used session that is not working, else it is refused)."""
 
     def __init__(self, predictor: SamPredictor, config: AppConfig) -> None:
         self.config = config
@@ -876,31 +1032,54 @@ class AppState:
             self._sha256 = file_sha256(self.config.checkpoint)
         return self._sha256
 
-    def session(self, session_id: Optional[str]) -> Tuple[Session, bool]:
-        """The session of that id, or a new one (True) when there is none (never was, or evicted)."""
+    def find(self, session_id: Optional[str]) -> Optional[Session]:
+        """The session of that id (now the most recently used), or None (never was, or evicted)."""
         with self._lock:
             session = self._sessions.get(session_id or "")
             if session is not None:
                 self._sessions.move_to_end(session.id)
-                return session, False
+            return session
+
+    def new_session(self) -> Session:
+        """A new session (a person starts working).  At max_sessions it replaces the least recently
+        used session that is not working (see Session.working), whose files are deleted; AppFull
+        when every session is working."""
+        with self._lock:
+            while len(self._sessions) >= self.config.max_sessions:
+                if not self._evict_one():
+                    idle = self.config.session_idle_s
+                    raise AppFull(f"the app already serves {len(self._sessions)} sessions, the most it keeps, and each "
+                                  f"was used in the last {idle / 60:g} minutes; try again later")
             session = Session(self, secrets.token_urlsafe(24))
             self._sessions[session.id] = session
-            self._evict()
-            return session, True
+            return session
 
-    def _evict(self) -> None:
-        """Drop the least recently used sessions beyond max_sessions (not one that is busy)."""
-        for old_id in list(self._sessions):
-            if len(self._sessions) <= self.config.max_sessions:
-                return
-            old = self._sessions[old_id]
-            if old.lock.acquire(blocking=False):
+    def _evict_one(self) -> bool:
+        """Close the least recently used session that is not working (under its lock); False if none."""
+        now = time.monotonic()
+        for old in list(self._sessions.values()):
+            if old.working(self.config.session_idle_s, now) or not old.lock.acquire(blocking=False):
+                continue
+            try:
+                self._drop(old)
+            finally:
+                old.lock.release()
+            return True
+        return False
+
+    def _drop(self, session: Session) -> None:
+        del self._sessions[session.id]
+        self.embeddings.drop_session(session.id)
+        session.close()
+
+    def discard(self, session: Session) -> None:
+        """Forget a session nobody was told of (its first request failed and left nothing in it)."""
+        with self._lock:
+            if self._sessions.get(session.id) is session and session.lock.acquire(blocking=False):
                 try:
-                    del self._sessions[old_id]
-                    self.embeddings.drop_session(old_id)
-                    old.close()
+                    self._drop(session)
                 finally:
-                    old.lock.release()
+                    session.lock.release()
 
     def session_ids(self) -> List[str]:
         with self._lock:
@@ -908,7 +1087,8 @@ class AppState:
 
     def status(self) -> dict:
         return {"model_type": self.config.model_type, "device": str(self.model.predictor.device),
-                "sessions": len(self._sessions), "cached_embeddings": len(self.embeddings),
+                "sessions": len(self._sessions), "max_sessions": self.config.max_sessions,
+                "cached_embeddings": len(self.embeddings),
                 "max_embeddings": self.config.max_embeddings, "encodes": self.model.encodes,
                 "allow_folders": self.config.allow_folders, "max_megapixels": self.config.max_megapixels,
                 "max_upload_mb": self.config.max_upload_mb}

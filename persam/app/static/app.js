@@ -14,6 +14,7 @@ const ui = {
   runToken: 0,         // a newer run stops an older one
   running: false,
   allowFolders: true,
+  hasSession: false,   // the server holds a session of this browser (see request)
   images: {},          // loaded Image objects by URL
 };
 
@@ -43,7 +44,19 @@ async function api(method, url, body) {
   }
 }
 
+// The server makes this browser's session with its first change (a POST), not when the page is
+// looked at.  Until one exists, changes go one at a time, so that two early uploads do not make
+// two sessions of which the page keeps one.
+let sessionQueue = Promise.resolve();
+
 async function request(method, url, body) {
+  if (method === "GET" || ui.hasSession) return send(method, url, body);
+  const turn = sessionQueue.then(() => send(method, url, body));
+  sessionQueue = turn.catch(() => {});
+  return turn;
+}
+
+async function send(method, url, body) {
   const options = { method, credentials: "same-origin", headers: {} };
   if (body instanceof FormData) options.body = body;
   else if (body !== undefined) {
@@ -56,6 +69,8 @@ async function request(method, url, body) {
   } catch (err) {
     throw new Error("the persam server does not answer (is `persam app` still running?)");
   }
+  if (response.ok && method !== "GET") ui.hasSession = true;
+  if (response.status === 410) ui.hasSession = false;  // ended: the server cleared the cookie
   if (!response.ok) {
     let message = `${response.status} ${response.statusText}`;
     try { message = (await response.json()).error || message; } catch (err) { /* not JSON */ }
@@ -340,6 +355,7 @@ function card(t) {
       } catch (err) { say(err.message); }
     });
     el.querySelector(".heatmap").addEventListener("click", () => toggleHeatmap(el));
+    el.querySelector(".picture").addEventListener("click", () => openFull(el));
     $("#gallery").append(el);
   }
   const r = t.result;
@@ -349,7 +365,7 @@ function card(t) {
   const src = r && r.overlay ? r.overlay : t.thumb;
   if (src && img.dataset.src !== src) { img.src = src; img.dataset.src = src; }
   el.dataset.view = "overlay";
-  el.dataset.status = !r ? "pending" : r.status === "error" ? "error" : r.found ? "found" : "not-found";
+  el.dataset.status = !r ? "pending" : r.status !== "ok" ? r.status : r.found ? "found" : "not-found";
   const status = el.querySelector(".status");
   const heat = el.querySelector(".heatmap");
   heat.textContent = "Heat map";
@@ -361,6 +377,12 @@ function card(t) {
     heat.hidden = true;
   } else if (r.status === "error") {
     status.textContent = r.error;
+    heat.hidden = true;
+  } else if (r.status === "skipped") {  // a reference image, as the command line skips it
+    status.textContent = `skipped: the ${r.reason}`;
+    el.querySelector(".peak").textContent = "";
+    el.querySelector(".iou").textContent = "";
+    el.querySelector(".timing").textContent = "";
     heat.hidden = true;
   } else {
     status.textContent = r.found ? (r.objects > 1 ? `found: ${r.objects} objects` : "found") : `not found (${r.reason})`;
@@ -391,6 +413,15 @@ function toggleHeatmap(el) {
     el.dataset.view = "heatmap";
     button.textContent = "Overlay";
   }
+}
+
+function openFull(el) {  // the result at full size (or the heat map, when the card shows it)
+  const t = ui.targets.find((x) => x.id === el.dataset.id);
+  if (!t || !t.result || t.result.status !== "ok") return;
+  const heatmap = el.dataset.view === "heatmap";
+  $("#viewer-image").src = heatmap ? el.querySelector(".picture").src : t.result.full;
+  $("#viewer-caption").textContent = `${t.name.split("/").pop()} · ${heatmap ? "heat map" : `${t.width}×${t.height}`}`;
+  $("#viewer").showModal();
 }
 
 function renderTargets() {
@@ -490,6 +521,8 @@ async function restore() {
     const state = await apiJSON("GET", "/api/state");
     const app = state.app;
     $("#model").textContent = `${app.model_type} · ${app.device}`;
+    ui.hasSession = state.session;
+    if (state.expired) say(state.expired, "info");
     ui.allowFolders = app.allow_folders;
     $("#folder-form").hidden = !app.allow_folders;
     $("#folder-off").hidden = app.allow_folders;
@@ -570,7 +603,8 @@ function setup() {
       const out = await apiJSON("POST", "/api/targets/folder", { path: $("#folder-path").value });
       for (const t of out.targets) { ui.targets.push(t); card(t); }
       summary();
-      say(`${out.targets.length} image${out.targets.length === 1 ? "" : "s"} added.`, "info");
+      const notes = out.notes.length ? ` ${out.notes.join(" · ")}` : "";
+      say(`${out.targets.length} image${out.targets.length === 1 ? "" : "s"} added.${notes}`, "info");
     } catch (err) { say(err.message); }
   });
   $("#clear-targets").addEventListener("click", async () => {
@@ -582,6 +616,7 @@ function setup() {
     } catch (err) { say(err.message); }
   });
   $("#run").addEventListener("click", run);
+  $("#viewer").addEventListener("click", () => $("#viewer").close());
   $("#stop").addEventListener("click", () => {
     ui.runToken += 1;
     ui.running = false;

@@ -47,7 +47,7 @@ def _runs(out: Path, checkpoint: Path) -> List[List[str]]:
     model = ["--model", "vit_t", "--checkpoint", str(checkpoint), "-q", "--backend", "torch"]
     ref = ["--ref-image", str(CAT / "00.jpg")]
     ref_mask = ref + ["--ref-mask", str(PERSEG / "Annotations" / "cat" / "00.png")]
-    targets = [str(CAT / "01.jpg"), str(CAT / "02.jpg"), str(CAT / "03.jpg")]
+    targets = [str(CAT / "01.jpg"), str(CAT / "02.jpg"), str(PERSEG / "Images" / "colorful_sneaker" / "01.jpg")]
     frames = out / "frames"
     return [
         ["segment", *ref_mask, *targets, "--out", str(out / "mask"), *model],
@@ -72,12 +72,15 @@ def take(out: Path) -> int:
     for frame in sorted(CAR_SHADOW.glob("*.jpg"))[:4]:
         (frames / frame.name).write_bytes(frame.read_bytes())
     env = dict(os.environ, PERSAM_BACKEND="torch")
+    answers = []
     for argv in _runs(out, checkpoint):
         print("persam", " ".join(argv[:2]), "...", flush=True)
-        done = subprocess.run([sys.executable, "-m", "persam", *argv], env=env, cwd=REPO)
-        if done.returncode != 0:
-            print(f"snapshot: `persam {' '.join(argv)}` exited {done.returncode}", file=sys.stderr)
-            return 1
+        done = subprocess.run([sys.executable, "-m", "persam", *argv], env=env, cwd=REPO, capture_output=True,
+                              text=True)
+        # a refusal is an output too (random weights find nothing at some prompts): kept and compared
+        answers.append({"argv": argv[:2], "exit": done.returncode,
+                        "errors": [line for line in done.stderr.splitlines() if line.startswith("persam: error")]})
+    (out / "answers.json").write_text(json.dumps(answers, indent=1))
     return 0
 
 

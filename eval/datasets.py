@@ -14,7 +14,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from persam.io import InputError, load_label_map
+from persam.errors import InputError
+from persam.data.io import load_label_map
 
 PathLike = Union[str, Path]
 Pair = Tuple[str, Path, Path]

@@ -1,4 +1,4 @@
-"""The output folder of a benchmark run (``persam eval``), with the promises of persam.run's:
+"""The output folder of a benchmark run (``persam eval``), with the promises of persam.runs.folder's:
 
     OUT/eval.json                 which files persam wrote here (``files``) and what made the
                                   predictions in OUT/pred (``key``, ``made_with``)
@@ -7,14 +7,14 @@
 
 * **Nothing of the user's is replaced.**  A file the run would write that exists but is not
   listed in eval.json is refused.  Files are listed before they are written.
-* **Predictions are never mixed.**  ``key`` is :func:`persam.run.settings_key` of what makes
+* **Predictions are never mixed.**  ``key`` is :func:`persam.runs.key.settings_key` of what makes
   the predictions (the benchmark and its data folder, the method and its settings, the model
   type, the checkpoint's sha256, the precision, the benchmark's own options).  A prediction is
   kept from an earlier run only when the folder's key is the run's; a run with another key into
   a folder that holds predictions is refused unless ``overwrite``, which removes the earlier
   predictions (persam's only) and makes them again.  Scoring existing predictions (``--pred``)
   writes only the scores and leaves the folder's predictions and key as they are.
-* **One run at a time.**  The folder is locked for the whole run (:func:`persam.run.output_lock`).
+* **One run at a time.**  The folder is locked for the whole run (:func:`persam.runs.lock.output_lock`).
 * **A refused run leaves nothing behind**: a folder the run created is removed again when the
   run stops before writing anything into it.
 """
@@ -27,8 +27,10 @@ import sys
 from pathlib import Path, PurePosixPath
 from typing import Iterable, List, Optional, Sequence, Set
 
-from persam.io import InputError, atomic_write_text
-from persam.run import _differences, _strict_json, output_lock, settings_key
+from persam.errors import InputError
+from persam.data.io import atomic_write_text
+from persam.runs.key import differences, settings_key, strict_json
+from persam.runs.lock import output_lock
 
 __all__ = ["EVAL_FILE", "PRED_FOLDER", "SCORE_FILES", "EvalFolder"]
 
@@ -61,7 +63,7 @@ class EvalFolder:
 
     def __init__(self, out_dir, made_with: Optional[dict] = None, overwrite: bool = False) -> None:
         self.out_dir = Path(out_dir)
-        self.made_with = None if made_with is None else _strict_json(made_with)
+        self.made_with = None if made_with is None else strict_json(made_with)
         self.key = None if made_with is None else settings_key(self.made_with)
         self.overwrite = overwrite
         self.files: Set[str] = set()  # files persam wrote here (relative, '/'-separated)
@@ -133,7 +135,7 @@ class EvalFolder:
         earlier = self._earlier_predictions()
         if earlier and self.earlier_key != self.key:
             if not self.overwrite:
-                why = _differences(self.earlier_key or "", self.earlier_made_with, self.made_with)
+                why = differences(self.earlier_key or "", self.earlier_made_with, self.made_with)
                 raise InputError(f"{self.out_dir} holds {len(earlier)} prediction(s) made with other settings "
                                  f"({why}); use --overwrite to redo them, or another --out")
             self._stale = earlier
@@ -193,4 +195,4 @@ class EvalFolder:
         self.files.add(EVAL_FILE)
         data = {"format": EVAL_FORMAT, "version": EVAL_VERSION, "key": self.earlier_key,
                 "made_with": self.earlier_made_with, "files": sorted(self.files)}
-        atomic_write_text(self.out_dir / EVAL_FILE, json.dumps(_strict_json(data), indent=2, allow_nan=False) + "\n")
+        atomic_write_text(self.out_dir / EVAL_FILE, json.dumps(strict_json(data), indent=2, allow_nan=False) + "\n")

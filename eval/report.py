@@ -15,10 +15,11 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
-from persam.io import InputError, atomic_write_bytes, atomic_write_text
-from persam.models import DEFAULT_MODEL
+from persam.errors import InputError
+from persam.data.io import atomic_write_bytes, atomic_write_text
+from persam.runs.models import DEFAULT_MODEL
 
-from .outputs import SCORE_FILES, EvalFolder
+from eval.outputs import SCORE_FILES, EvalFolder
 
 __all__ = ["DEFAULT_MODEL", "PredictionModel", "bar_chart", "check_prediction_size", "checkpoint_sha256",
            "format_table", "predictions_to_score", "prediction_settings", "split_names", "timing_summary", "write_csv",
@@ -43,7 +44,7 @@ class PredictionModel:
         """`checkpoint` (default: the cached download of `model_type`; never downloads), checked to
         exist; InputError otherwise.  A `predictor` given is used as is, and `checkpoint` must name
         its weights (they are part of the predictions' settings)."""
-        from persam.models import resolve_checkpoint
+        from persam.runs.models import resolve_checkpoint
         from sam.download import MODELS
 
         if model_type not in MODELS:
@@ -60,7 +61,7 @@ class PredictionModel:
 
     def predictor(self):
         if self.built is None:
-            from persam.models import build_predictor
+            from persam.runs.models import build_predictor
 
             self.built = build_predictor(self.model_type, self.checkpoint, self.device, self.precision, self.backend)
         return self.built
@@ -68,7 +69,7 @@ class PredictionModel:
 
 def checkpoint_sha256(path: Path) -> str:
     """sha256 of a checkpoint file, or of the weights file in a HuggingFace checkpoint folder."""
-    from persam.run import file_sha256
+    from persam.runs.key import file_sha256
     from sam.checkpoint import HF_WEIGHT_FILES
 
     path = Path(path)
@@ -88,7 +89,7 @@ def prediction_settings(benchmark: str, data: Path, method: str, model: Predicti
     """Everything that makes a benchmark run's predictions (their settings key, eval.json's
     ``made_with``): the benchmark and its data folder, the method and its settings, the model,
     and the benchmark's own `options`."""
-    from persam.finetune import FinetuneSettings
+    from persam.method.finetune import FinetuneSettings
 
     return {"benchmark": benchmark, "data": str(Path(data).resolve()), "method": method,
             "finetune": vars(FinetuneSettings()) if method == "persam_f" else None,

@@ -24,12 +24,13 @@ from typing import Callable, Dict, List, Optional, Sequence, TextIO
 import numpy as np
 from tqdm import tqdm
 
-from persam.io import InputError, atomic_save_png, load_image, load_label_map
+from persam.errors import InputError
+from persam.data.io import atomic_save_png, load_image, load_label_map
 
-from .datasets import DavisDataset
-from .metrics import davis_sequence_scores, davis_summary
-from .outputs import PRED_FOLDER, SCORE_FILES, EvalFolder
-from .report import (DEFAULT_MODEL, PredictionModel, bar_chart, check_prediction_size, format_table,
+from eval.datasets import DavisDataset
+from eval.metrics import davis_sequence_scores, davis_summary
+from eval.outputs import PRED_FOLDER, SCORE_FILES, EvalFolder
+from eval.report import (DEFAULT_MODEL, PredictionModel, bar_chart, check_prediction_size, format_table,
                      prediction_settings, predictions_to_score, timing_summary, write_csv, write_json)
 
 __all__ = ["run_davis", "predict_davis", "score_davis"]
@@ -45,7 +46,7 @@ def predict_davis(predictor, dataset: DavisDataset, sequences: Sequence[str], pr
                   progress: bool = True, done: Optional[Callable[[Path], bool]] = None) -> Dict[str, object]:
     """Write the results of the sequences whose frames are not all `done` (default: their files
     exist); returns timings (seconds)."""
-    from persam.video import masks_from_label_map, segment_video
+    from persam.method.video import masks_from_label_map, segment_video
 
     done = done or Path.is_file
     first_times, frame_times, skipped = [], [], []

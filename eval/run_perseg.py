@@ -22,12 +22,13 @@ from typing import Callable, Dict, List, Optional, Sequence, TextIO
 import numpy as np
 from tqdm import tqdm
 
-from persam.io import InputError, atomic_save_png, load_image, load_mask
+from persam.errors import InputError
+from persam.data.io import atomic_save_png, load_image, load_mask
 
-from .datasets import PerSegDataset
-from .metrics import boundary_iou, class_scores, iou, miou
-from .outputs import PRED_FOLDER, SCORE_FILES, EvalFolder
-from .report import (DEFAULT_MODEL, PredictionModel, bar_chart, check_prediction_size, format_table,
+from eval.datasets import PerSegDataset
+from eval.metrics import boundary_iou, class_scores, iou, miou
+from eval.outputs import PRED_FOLDER, SCORE_FILES, EvalFolder
+from eval.report import (DEFAULT_MODEL, PredictionModel, bar_chart, check_prediction_size, format_table,
                      prediction_settings, predictions_to_score, timing_summary, write_csv, write_json)
 
 __all__ = ["run_perseg", "predict_perseg", "score_perseg"]
@@ -45,7 +46,7 @@ def _select_classes(dataset: PerSegDataset, classes: Optional[Sequence[str]]) ->
 def predict_perseg(predictor, dataset: PerSegDataset, classes: Sequence[str], pred_dir: Path, method: str,
                    progress: bool = True, done: Optional[Callable[[Path], bool]] = None) -> Dict[str, object]:
     """Write the predictions not `done` (default: those whose file exists); returns timings (seconds)."""
-    from persam.pipeline import learn_concept, segment
+    from persam.method.pipeline import learn_concept, segment
 
     done = done or Path.is_file
     learn_times, image_times, skipped = [], [], 0

@@ -258,10 +258,10 @@ def max_bias_elements(device: torch.device) -> int:
     """Most elements of the additive bias built at once by attention_with_decomposed_bias.
 
     On CPU 4 Mi (16 MB in fp32): glibc serves blocks up to 32 MB from its heap and
-    maps larger ones afresh on every allocation; on a 2-core AVX2 machine building
-    a global-attention bias of ViT-B (12 x 4096 x 4096) in one piece took ~0.4 s,
-    nearly all page faults, against ~0.05 s in reused blocks. On GPU the caching
-    allocator has no such cost: 256 Mi.
+    maps larger ones afresh on every allocation, so building a global-attention bias
+    of ViT-B (12 x 4096 x 4096) in one piece spends most of its time in page faults,
+    which blocks reused from the heap do not. On GPU the caching allocator has no
+    such cost: 256 Mi.
     """
     return 1 << 22 if device.type == "cpu" else 1 << 28
 

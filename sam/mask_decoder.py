@@ -166,7 +166,7 @@ class MaskDecoder(nn.Module):
         def one_image(b: int) -> torch.Tensor:
             # UPSCALE_ROWS tokens at a time on a CPU: their upscaled features (1 MB, then 2 MB for SAM)
             # stay in the cache between the steps. Every step works on each token (row) alone, so the values are those
-            # of the whole image at once, bit for bit (tests/test_fast_decode.py).
+            # of the whole image at once, bit for bit (tests/sam/test_fast_decode.py).
             # (blocks of one size only: a kernel may take another path for a short last block)
             step = UPSCALE_ROWS if src.device.type == "cpu" else tokens
             if step >= tokens or tokens % step:

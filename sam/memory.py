@@ -4,8 +4,8 @@ PyTorch's CPU tensors come from malloc. glibc serves a block larger than its mma
 with a fresh mmap and unmaps it at free, and hands the free top of its heap back to the system
 beyond its trim threshold; both thresholds start small (128 KiB). The decoder's image-sized
 temporaries (256 x 64 x 64 floats, 4 MiB) are then new pages at every call, and the first
-touch of each page costs more than the arithmetic done on it: measured on a 2-core AMD EPYC,
-one PerSAM decoder call took 40 ms with glibc's defaults and 25 ms with the settings below.
+touch of each page costs more than the arithmetic done on it, so a PerSAM decoder call is
+markedly quicker with the settings below (docs/performance.md, Reusing freed memory).
 
 `reuse_freed_memory()` raises the mmap threshold to 32 MiB (glibc's largest) and the trim
 threshold to 1 GiB, so that freed blocks are reused. It changes the whole process's malloc,

@@ -3,19 +3,18 @@
 import copy
 import os
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import ContextManager, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from .backends import make_encoder, resolve_backend
+from .precision import autocast_context
 from .sam import Sam
 from .transforms import preprocess_shape, resize_longest_side, scale_boxes, scale_coords
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -40,18 +39,6 @@ class ImageEmbedding(NamedTuple):
     features: torch.Tensor  # 1 x 256 x 64 x 64
     original_size: Tuple[int, int]
     input_size: Tuple[int, int]
-
-
-def autocast_context(device: torch.device, precision: str) -> ContextManager:
-    """Autocast for the reduced-precision modes ("bf16", "fp16"); nothing for "fp32"."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    if precision == "fp32":
-        return nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    if device.type == "cpu" and dtype == torch.float16:
-        raise ValueError("fp16 is not supported on CPU; use precision='bf16'")
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -402,7 +389,7 @@ def _as_rgb_array(image: ArrayLike) -> np.ndarray:
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(
             f"expected an RGB image of shape H x W x 3, got {tuple(image.shape)}; "
-            "convert grayscale or RGBA images first (persam.io.load_image does)"
+            "convert grayscale or RGBA images first (persam.data.io.load_image does)"
         )
     if image.dtype != np.uint8:
         raise ValueError(f"expected a uint8 image (0..255), got dtype {image.dtype}")

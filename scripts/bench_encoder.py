@@ -31,18 +31,15 @@ to the limit. The limit is the encoder's FLOPs (counted by torch's FlopCounterMo
 measured sgemm peak of this machine (torch.mm of 4096 x 4096 fp32 matrices, best of 5, same
 threads). With --batch-size B > 1 our rows encode B images per call and report seconds per image.
 
-On a GPU (--device cuda, with --precision fp32|bf16|fp16 and --batch-size for throughput) only
-the torch rows run, and the peak memory is the GPU's.
+On a GPU (--device cuda, --precision fp32|bf16|fp16, --batch-size) only torch rows run; peak memory is the GPU's.
 
-When both OpenVINO rows ran, a last step runs ours and plain alternating in one process
-(2 x --repeats runs each, after a warm-up; --no-paired skips it) and prints their medians and
-ratio: on a machine whose speed drifts from minute to minute this pairing is the steadier
-comparison of the two, since both sample the same moments.
+When both OpenVINO rows ran, ours and plain then run alternating in one process (2 x --repeats
+each, after a warm-up; --no-paired skips it): on a machine whose speed drifts, this pairing is
+the steadier comparison, since both sample the same moments.
 
-Rows that need a package that is missing (segment-anything, openvino, onnxruntime) are skipped
-with a note. Outputs in --out (default runs/bench_encoder): bench_encoder.csv and .json.
-Every row's process makes malloc reuse freed memory, as the `persam` command does
-(sam/memory.py; --default-malloc keeps glibc's defaults in every row, to compare).
+Rows whose package is missing (segment-anything, openvino, onnxruntime) are skipped with a note.
+Outputs: --out (default runs/bench_encoder)/bench_encoder.csv and .json. Each row's process
+reuses freed memory as `persam` does (sam/memory.py; --default-malloc keeps glibc's defaults).
 A quick end-to-end check: --models vit_t --repeats 1 --img-size 1024 (ViT also at --img-size 256).
 """
 
@@ -147,7 +144,7 @@ def encoder_input(model, batch: int = 1) -> torch.Tensor:
 
     photos = sorted((SHARED_DATA / "perseg_subset" / "Images" / "cat").glob("*.jpg"))
     if photos:
-        from persam.io import load_image
+        from persam.data.io import load_image
 
         resized = torch.from_numpy(resize_longest_side(load_image(photos[1 % len(photos)]), model.img_size))
         x = model.preprocess(resized.permute(2, 0, 1)[None].float())
@@ -276,7 +273,7 @@ def worker(spec: dict) -> dict:
     else:
         reference = reference_encoder(spec["model"], ours).to(device)
         if row == "ref torch":
-            from sam.predictor import autocast_context
+            from sam.precision import autocast_context
 
             def run(inp, encoder=reference):
                 with torch.inference_mode(), autocast_context(device, spec["precision"]):

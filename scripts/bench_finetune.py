@@ -23,10 +23,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "perseg_subset"
 
-from persam.finetune import FinetuneSettings, finetune_loss, scale_weights  # noqa: E402
-from persam.io import load_image, load_mask  # noqa: E402
-from persam.locate import select_points, similarity_grid, similarity_map  # noqa: E402
-from persam.pipeline import Concept, learn_concept  # noqa: E402
+from persam.method.finetune import FinetuneSettings, finetune_loss, scale_weights  # noqa: E402
+from persam.data.io import load_image, load_mask  # noqa: E402
+from persam.method.locate import select_points, similarity_grid, similarity_map  # noqa: E402
+from persam.method.pipeline import Concept, learn_concept  # noqa: E402
 from sam.build import build_sam, build_sam_model  # noqa: E402
 from sam.predictor import SamPredictor  # noqa: E402
 
@@ -75,7 +75,7 @@ def main() -> int:
     concept = learn_concept(predictor, [(image, mask)], method="persam")  # encodes once; target only
     concept = Concept("persam_f", concept.target_vector, concept.target_embedding)
 
-    from persam.pipeline import learn_concept_weights
+    from persam.method.pipeline import learn_concept_weights
 
     encoded = [(predictor.features, predictor.original_size)]
     rows = []

@@ -231,7 +231,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     except ValueError:
         parser.error(f"--batch-sizes: whole numbers separated by commas, not {args.batch_sizes!r}")
     from sam.build import MODEL_TYPES
-    from sam.predictor import PRECISIONS
+    from sam.precision import PRECISIONS
 
     for name, given, allowed in (("--models", args.models, MODEL_TYPES), ("--precisions", args.precisions, PRECISIONS)):
         unknown = [g for g in given if g not in allowed]
@@ -255,7 +255,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     reuse_freed_memory()  # as the persam command does (CPU tensors; sam/memory.py)
     bench_precision = _bench_precision()
-    from persam.io import load_image
+    from persam.data.io import load_image
 
     photo_paths = find_photos(args.photos, max(max(args.batch_sizes), args.mask_images), bench_precision)
     photos = [load_image(p) for p in photo_paths]

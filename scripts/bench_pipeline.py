@@ -8,7 +8,7 @@ The concept is learned from a shared PerSeg reference (--ref-class, photo 00 and
 then every photo of --photos (default the shared DreamBooth dog photos, 780 px) goes through
 the steps of `persam segment`, each timed:
 
-    load       decode the JPEG (persam.io.load_image)
+    load       decode the JPEG (persam.data.io.load_image)
     encode     the image encoder (--backend; with --batch-size B, B photos per encoder call,
                time per photo)
     locate     similarity map at full size, prompt points, guidance (PerSAM)
@@ -18,10 +18,10 @@ the steps of `persam segment`, each timed:
 
 and reports the median per photo, with locate + decode (the issue's "locate + decode +
 refinements") and the sum. Then locate + decode again as `persam segment` makes them
-(persam.pipeline.segment_images), alternating group by group: the same --decode-group photos
+(persam.method.pipeline.segment_images), alternating group by group: the same --decode-group photos
 one at a time (--batch-size 1), their decoder calls made together in one thread, and made
 together split over the torch threads as the command does (`workers`,
-persam.pipeline.decode_workers; on a CPU of 2 threads, 2 halves side by side), per photo and
+persam.method.pipeline.decode_workers; on a CPU of 2 threads, 2 halves side by side), per photo and
 their ratios. One-time costs are printed apart: model loading, the backend's
 build or cache load, learning the concept (and PerSAM-F's fine-tuning with --finetune).
 Then, unless --no-cli, `persam segment` itself runs twice in this process on copies of the
@@ -90,7 +90,7 @@ class Stopwatch:
 
 def build(args):
     """(predictor, checkpoint path, one-time seconds by name)."""
-    from persam.models import build_predictor
+    from persam.runs.models import build_predictor
 
     one_time = {}
     start = time.perf_counter()
@@ -158,12 +158,12 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from persam.guide import attention_similarity, guided_prediction
-    from persam.io import encode_png, load_image, load_mask
-    from persam.locate import select_points
-    from persam.pipeline import decode_workers, learn_concept, locate, segment_images
-    from persam.refine import best_upscaled, mixed_mask, refine_with_box, refine_with_mask
-    from persam.visualize import overlay
+    from persam.method.guide import attention_similarity, guided_prediction
+    from persam.data.io import encode_png, load_image, load_mask
+    from persam.method.locate import select_points
+    from persam.method.pipeline import decode_workers, learn_concept, locate, segment_images
+    from persam.method.refine import best_upscaled, mixed_mask, refine_with_box, refine_with_mask
+    from persam.data.visualize import overlay
 
     from bench_encoder import sgemm_peak  # the encoder benchmark's own measurement
 
@@ -241,7 +241,7 @@ def main() -> int:
                 steps["outputs"].append(time.perf_counter() - t)
 
     # The grouped pass: locate + decode + refinements as `persam segment` makes them
-    # (persam.pipeline.segment_images), alternating group by group: one photo at a time (the
+    # (persam.method.pipeline.segment_images), alternating group by group: one photo at a time (the
     # command's --batch-size 1), the group in one thread, the group split over `workers` threads
     # (the command's --batch-size B on a CPU). The photos are taken round so that every group is full.
     def locate_and_decode(group, workers=1):
@@ -262,8 +262,8 @@ def main() -> int:
                 threaded.append(locate_and_decode(group, workers) / len(group))
 
     if args.finetune:
-        from persam.finetune import FinetuneSettings
-        from persam.pipeline import Concept, learn_concept_weights
+        from persam.method.finetune import FinetuneSettings
+        from persam.method.pipeline import Concept, learn_concept_weights
 
         persam_f = Concept("persam_f", concept.target_vector, concept.target_embedding)
         references = [(load_image(reference), load_mask(reference_mask))]
@@ -314,7 +314,7 @@ def decoder_side_by_side(predictor, points, labels, attention, target_embedding,
     """PerSAM's three decoder calls on the last photo, with our decoder and with SAM's order of
     operations (projected attention, transposed convolutions, channels-first layout; see
     tests/sam_testing.py), alternating, median per call."""
-    from persam.guide import guided_prediction
+    from persam.method.guide import guided_prediction
     from sam_testing import sams_order_of_operations
 
     height, width = predictor.original_size
@@ -351,7 +351,7 @@ def decoder_side_by_side(predictor, points, labels, attention, target_embedding,
 
 def cli_per_photo(args, checkpoint, reference, reference_mask, photos) -> None:
     """`persam segment` on one photo and on all photos; the difference per extra photo."""
-    from persam import cli
+    from persam.cli import commands as cli
 
     if len(photos) < 2:
         return

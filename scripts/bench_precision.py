@@ -6,34 +6,25 @@
 
 (Speed of the encoder backends, fp32, against OpenVINO and the hardware limit: bench_encoder.py.)
 
-Both encoders get the same (seeded random, or --checkpoint) weights and the same
-1024 x 1024 input (a shared photo, preprocessed as the predictor does). For fp32
-and for the reduced-precision modes (bf16 autocast on CPU; fp16 and bf16 autocast
-on CUDA) it prints seconds per image, the speed-up over the official fp32 encoder,
-and our / official ratio within each mode. Runs are interleaved (official, ours,
-ours, official, ...) so that load from other processes hits both alike; the median
-of --repeats runs is reported, after one warm-up run each.
+Both encoders get the same (seeded random, or --checkpoint) weights and the same 1024 x 1024
+input (a shared photo, preprocessed as the predictor does). For fp32 and the reduced modes (bf16
+autocast on CPU; fp16 and bf16 on CUDA) it prints seconds per image, the speed-up over the official
+fp32 encoder and our / official ratio within each mode. Runs are interleaved (official, ours, ours,
+official, ...) so that load from other processes hits both alike; median of --repeats after a warm-up.
 
-Reduced modes on a CPU without native bf16 arithmetic (no AVX512-BF16 / AMX: the
-oneDNN bf16 check is False) are emulated and several times slower than fp32; a
-full forward of the official encoder then takes minutes (its global attention
-builds 12 x 4096 x 4096 bf16 maps). There, by default (--reduced-timing auto),
-those modes are timed on one pass through the patch embedding, one windowed
-block, one global block and the neck, and the encoder time is estimated as
-embed + n_windowed x windowed + n_global x global + neck (marked "est.").
-Our reduced mode is also run for real in the mask-effect part below, and its
-measured full-forward time is printed next to the estimate.
+Reduced modes on a CPU without native bf16 (no AVX512-BF16 / AMX) are emulated and several times
+slower than fp32; a full official forward then takes minutes. There (--reduced-timing auto) those
+modes are timed on one pass through the patch embedding, one windowed block, one global block and
+the neck, and the encoder time is estimated from them (marked "est."); our reduced mode also runs
+for real in the mask-effect part, and that time is printed next to the estimate.
 
-Mask effect: for --images shared photos, our full predictor runs in fp32 and in
-each reduced mode; for a few fixed one-point prompts it reports the IoU between
-the fp32 masks and the reduced-mode masks (all three multimask outputs), and the
-relative error of the image embedding. With random weights the masks are
-arbitrary shapes, but the fp32 vs reduced agreement still measures how much the
-reduced precision changes the decoder's input and its thresholded output.
+Mask effect: for --images shared photos our full predictor runs in fp32 and in each reduced mode;
+for a few fixed one-point prompts it reports the IoU between fp32 and reduced-mode masks (all three
+multimask outputs) and the relative error of the image embedding: with random weights the masks are
+arbitrary, but the agreement still measures how much reduced precision moves the decoder's input.
 
-Run time of the default (ViT-B): about 8.5 minutes on a 2-core AVX2 CPU, most of
-it in emulated bf16 (one official bf16 estimate pass ~2 min, our bf16 encoder
-~80 s per mask-effect image); --modes fp32 --images 0 takes ~3 minutes there.
+The default (ViT-B) takes minutes on a CPU without native bf16, most of it in emulated
+bf16; --modes fp32 --images 0 is the quick form.
 
 Outputs in --out (default runs/bench_precision): bench_precision.csv (timings),
 bench_masks.csv (IoUs), bench_precision.png (speed-up chart; matplotlib if
@@ -65,10 +56,6 @@ PROMPTS: Tuple[Tuple[float, float], ...] = ((0.5, 0.5), (0.3, 0.4), (0.7, 0.65))
 ENCODERS = ("official", "ours")
 
 
-# --------------------------------------------------------------------------- #
-# Models
-# --------------------------------------------------------------------------- #
-
 
 def _load_test_module(name: str):
     """Import tests/<name>.py by path (the test helpers are not part of the package)."""
@@ -99,10 +86,6 @@ def build_models(model_type: str, checkpoint: Optional[str], seed: int, device: 
     return ours.to(device).eval(), official.to(device).eval()
 
 
-# --------------------------------------------------------------------------- #
-# Timing
-# --------------------------------------------------------------------------- #
-
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -131,7 +114,7 @@ def time_full(
     encoders: Dict[str, torch.nn.Module], x: torch.Tensor, device: torch.device, precision: str, repeats: int
 ) -> Tuple[Dict[str, List[float]], Dict[str, torch.Tensor]]:
     """Seconds of whole forwards, interleaved (official, ours, ours, official, ...), after one warm-up each."""
-    from sam.predictor import autocast_context
+    from sam.precision import autocast_context
 
     def forward(encoder):
         with torch.inference_mode(), autocast_context(device, precision):
@@ -154,7 +137,7 @@ def time_by_blocks(
     encoders: Dict[str, torch.nn.Module], x: torch.Tensor, device: torch.device, precision: str, repeats: int
 ) -> Dict[str, List[float]]:
     """Estimated seconds per forward from one pass through embed, a windowed block, a global block and the neck."""
-    from sam.predictor import autocast_context
+    from sam.precision import autocast_context
 
     def estimate(encoder) -> float:
         windowed = [i for i, block in enumerate(encoder.blocks) if block.window_size > 0]
@@ -181,10 +164,6 @@ def time_by_blocks(
             print(f"    {precision:>4} {name:<8} est. {repeat + 1}/{repeats}: {times[name][-1]:7.2f} s", flush=True)
     return times
 
-
-# --------------------------------------------------------------------------- #
-# Images and the mask effect
-# --------------------------------------------------------------------------- #
 
 
 def shared_images(count: int) -> List[Path]:
@@ -215,7 +194,7 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
 
 def mask_effect(model, images: Sequence[Path], precisions: Sequence[str]) -> Tuple[List[dict], Dict[str, List[float]]]:
     """IoU of reduced-precision masks against fp32 masks, and our predictor's real encoder times."""
-    from persam.io import load_image
+    from persam.data.io import load_image
     from sam.predictor import SamPredictor
 
     predictors = {p: SamPredictor(model, precision=p, backend="torch") for p in ("fp32", *precisions)}
@@ -250,10 +229,6 @@ def mask_effect(model, images: Sequence[Path], precisions: Sequence[str]) -> Tup
               + ", ".join(f"{p} {s[-1]:.1f} s" for p, s in encode_seconds.items()), flush=True)
     return rows, encode_seconds
 
-
-# --------------------------------------------------------------------------- #
-# Output
-# --------------------------------------------------------------------------- #
 
 
 def write_csv(path: Path, rows: List[dict]) -> None:
@@ -322,10 +297,6 @@ def load_text() -> str:
     return "load average %.2f %.2f %.2f" % os.getloadavg() if hasattr(os, "getloadavg") else "load average n/a"
 
 
-# --------------------------------------------------------------------------- #
-# Main
-# --------------------------------------------------------------------------- #
-
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -358,7 +329,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     modes = args.modes.split(",") if args.modes else (["fp32", "bf16"] if device.type == "cpu" else ["fp32", "fp16", "bf16"])
     if "fp32" not in modes:
         modes = ["fp32", *modes]
-    from sam.predictor import autocast_context
+    from sam.precision import autocast_context
 
     for mode in modes:
         try:
@@ -388,7 +359,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     weights = f"checkpoint {args.checkpoint}" if args.checkpoint else f"random weights (seed {args.seed})"
     images = shared_images(args.images if args.images > 0 else 1)
     if images:
-        from persam.io import load_image
+        from persam.data.io import load_image
 
         x = encoder_input(ours, load_image(images[0]), device)
         input_name = f"{images[0].parent.name}/{images[0].name}"

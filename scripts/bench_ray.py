@@ -55,12 +55,12 @@ def main() -> int:
 
     import ray
 
-    from persam import cli
-    from persam.concept import save_concept
-    from persam.io import load_image
-    from persam.models import build_predictor
-    from persam.pipeline import learn_concept
-    from persam.run import file_sha256
+    from persam.cli import commands as cli
+    from persam.data.concept import save_concept
+    from persam.data.io import load_image
+    from persam.runs.models import build_predictor
+    from persam.method.pipeline import learn_concept
+    from persam.runs.key import file_sha256
 
     work = Path(tempfile.mkdtemp(prefix="bench_ray_"))
     checkpoint = Path(args.checkpoint) if args.checkpoint else work / "random.pt"

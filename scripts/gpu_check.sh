@@ -2,7 +2,7 @@
 # The GPU checks in one short run, for a session that is lent a GPU machine (see README, Speed).
 #
 #   bash scripts/gpu_check.sh --prepare      # here, once: the wheel and photos the GPU machine lacks
-#   bash scripts/gpu_check.sh [BENCH ARGS]   # there: tests/test_cuda.py, then scripts/bench_gpu.py
+#   bash scripts/gpu_check.sh [BENCH ARGS]   # there: tests/sam/test_cuda.py, then scripts/bench_gpu.py
 #
 # --prepare downloads Meta's segment-anything wheel (pure Python, 36 KB) into .whl/ and copies
 # eight shared photos into .gpu_photos/; both folders are git-ignored, so name them in the device
@@ -34,6 +34,6 @@ photos=()
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
     python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-    python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py || echo "tests/test_cuda.py: FAILED"
+    python3 -m pytest -q -p no:cacheprovider tests/sam/test_cuda.py || echo "tests/sam/test_cuda.py: FAILED"
     python3 scripts/bench_gpu.py "${photos[@]}" --out "$out" "$@"
 } 2>&1 | tee "$out/gpu_check.log"

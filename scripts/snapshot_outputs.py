@@ -86,7 +86,8 @@ def take(out: Path) -> int:
 
 def _without_timings(value):
     if isinstance(value, dict):
-        return {k: _without_timings(v) for k, v in value.items() if k not in TIMING_KEYS}
+        return {k: _without_timings(v) for k, v in value.items()
+                if k not in TIMING_KEYS and not k.endswith(("_s", "_per_second"))}
     if isinstance(value, list):
         return [_without_timings(v) for v in value]
     return value

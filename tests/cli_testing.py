@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from persam import cli
+from persam.cli import commands as cli
 from sam.predictor import SamPredictor
 
 

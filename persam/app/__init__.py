@@ -1,12 +1,19 @@
 """``persam app``: personalize by clicking, in a web page (the optional ``[app]`` extra).
 
-    persam/app/state.py    the work of the page, without HTTP: one shared model behind a lock,
-                           per-browser-session references, targets and concept, bounded caches
+    persam/app/state.py    AppState: the one shared model, the embedding cache and the sessions
+    persam/app/settings.py the configuration, the limits, the page's settings, the app's refusals
+    persam/app/cache.py    the shared model behind a lock, the bounded embedding cache, a session's view
+    persam/app/session.py  a browser's session: its uploads, references, concept and targets
+    persam/app/items.py    what a session keeps of each reference and target
+    persam/app/results.py  what a session finds in its targets: results, overlays, heat maps, the zip
+    persam/app/images.py   pictures for the page (JPEG, PNG, data URLs) and the megapixel check
+    persam/app/guard.py    Host names, Origins and request sizes (the Gate middleware)
+    persam/app/cookie.py   the session cookie and the middleware that finds or starts a session
     persam/app/server.py   FastAPI routes that translate HTTP into those calls, and `serve`
     persam/app/static/     the page (plain HTML, JavaScript and CSS; nothing fetched from the web)
 
 Every method step is persam's own (reference_mask_from_prompts, learn_concept, segment,
-segment_objects, similarity maps, save/load_concept, and persam.run's OutputFolder for the zip):
+segment_objects, similarity maps, save/load_concept, and persam.runs.folder's OutputFolder for the zip):
 the page runs exactly what the command line runs.
 
 Importing this package needs nothing beyond the core install; :func:`require_app_extra` says
@@ -17,7 +24,7 @@ from __future__ import annotations
 
 import importlib
 
-from ..io import InputError
+from persam.errors import InputError
 
 APP_PACKAGES = (("fastapi", "fastapi"), ("uvicorn", "uvicorn"), ("multipart", "python-multipart"))
 

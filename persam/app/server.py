@@ -1,25 +1,14 @@
 """The HTTP side of ``persam app``: FastAPI routes over :mod:`persam.app.state`, and :func:`serve`.
 
 Routes only translate HTTP: they find the browser's session (cookie ``persam_session``), run one
-:class:`~persam.app.state.Session` method under its lock in a worker thread and turn its answer
+:class:`~persam.app.session.Session` method under its lock in a worker thread and turn its answer
 into JSON, an image or a file.  Errors come back as ``{"error": "one line"}``: 400 bad input,
 403 a foreign Origin, 404 unknown id, 410 the session has ended, 413 too large, 421 a Host name
 the server was not started for, 422 a request body of the wrong shape (the field named), 503 no
 room for a new session, 500 a bug (logged; the server keeps serving).
 
-What protects the user's machine:
-
-* **Host names.**  Only the names the server was started for are served (:func:`served_hosts`:
-  127.0.0.1, localhost and [::1] with the port on a loopback address, the ``--host`` given
-  otherwise): a page of another site whose name was rebound to this address (DNS rebinding)
-  gets 421 for every request.
-* **Origins.**  A state-changing request (POST, PUT, PATCH, DELETE) that a browser sends from a
-  page of another origin is refused (403), whatever its Host.
-* **Sizes.**  A request body is cut off at the upload limit on the stream itself (a chunked
-  upload has no Content-Length to trust); images are checked against the megapixel limit from
-  their headers before they are decoded, and each session's files are bounded (state.py).
-* **Sessions.**  A session is made by a person's first state-changing request, never by a GET;
-  a new one never replaces a working session; the page is told when its session has ended.
+What protects the user's machine is :mod:`persam.app.guard` (Host names, Origins, sizes) and
+:mod:`persam.app.cookie` (sessions made only by a person's state-changing request).
 
     GET    /                                   the page
     GET    /api/state                          the session (references, targets, concept) and the model
@@ -45,285 +34,40 @@ What protects the user's machine:
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import socket
 import sys
 import threading
-from dataclasses import dataclass
-from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
-from urllib.parse import urlsplit
 
 from fastapi import FastAPI, File, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..io import InputError
-from .state import MAX_CLICKS, AppConfig, AppFull, AppState, NotFound, Session, SessionClosed, Settings
+from persam.app.cookie import SESSION_GONE, SessionGone, Sessions
+from persam.app.guard import SECURITY_HEADERS, Gate, ServedHosts, error_response, served_hosts
+from persam.app.session import Session
+from persam.app.settings import MAX_CLICKS, AppConfig, NotFound, SessionClosed, Settings
+from persam.app.state import AppState
+from persam.errors import InputError
 
-__all__ = ["create_app", "open_socket", "serve", "served_hosts", "is_loopback", "ServedHosts", "COOKIE"]
+__all__ = ["create_app", "open_socket", "serve"]
 
-COOKIE = "persam_session"
 STATIC = Path(__file__).resolve().parent / "static"
-STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 WORKER_THREADS = 16  # requests worked on at once (each session's requests take turns anyway)
 WORKER_NAME = "persam-app-request"
 SHUTDOWN_GRACE_S = 3.0  # on Ctrl-C, requests in progress get this long to answer
-SESSION_GONE = ("this page's session has ended (the server keeps a limited number of sessions and removed this one "
-                "with its images, or it was restarted): reload the page to start again")
 SESSION_EXPIRED_NOTE = ("Your earlier session on this server has ended (the server keeps a limited number of "
                         "sessions, or it was restarted) and its images were removed: start again.")
 log = logging.getLogger("persam.app")
 
-# Everything the page loads comes from this server: no fonts, scripts or styles from the web.
-SECURITY_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; script-src 'self'; "
-                               "style-src 'self'; connect-src 'self'; font-src 'self'; object-src 'none'; "
-                               "base-uri 'none'; frame-ancestors 'none'",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "Cache-Control": "no-store",
-}
-
-
-def _error(status: int, message: str, headers: Optional[dict] = None) -> JSONResponse:
-    return JSONResponse({"error": " ".join(str(message).split())}, status_code=status, headers=headers)
-
-
-class SessionGone(Exception):
-    """The request names no session: none yet (404), or one that has ended (410)."""
-
-    def __init__(self, expired: bool) -> None:
-        super().__init__(SESSION_GONE if expired else "nothing here: this browser has no session on the server yet "
-                                                      "(it starts with the first image you add)")
-        self.status = 410 if expired else 404
-
 
 class ServerStopping(Exception):
     """The server stopped (Ctrl-C) while the request was worked on."""
-
-
-# --------------------------------------------------------------------------------------------
-# host names
-
-
-def is_loopback(host: str) -> bool:
-    """True for an address only this machine reaches (127.x, ::1, localhost)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def _is_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-        return True
-    except ValueError:
-        return False
-
-
-def _split_netloc(netloc: str) -> Tuple[str, Optional[int]]:
-    """('host', port or None) of 'host[:port]' ('[v6]:port' too), lower-case; port -1 when malformed."""
-    netloc = netloc.strip().lower()
-    if netloc.startswith("["):
-        end = netloc.find("]")
-        host, rest = (netloc, "") if end < 0 else (netloc[:end + 1], netloc[end + 1:])
-    else:
-        host, colon, port = netloc.partition(":")
-        rest = colon + port
-    if not rest:
-        return host, None
-    if rest.startswith(":") and rest[1:].isdigit():
-        return host, int(rest[1:])
-    return host, -1
-
-
-@dataclass(frozen=True)
-class ServedHosts:
-    """The Host names (with the port) the server answers to.
-
-    `names` are lower-case host names or addresses ('[::1]' in brackets); with `any_address`
-    (a server listening on every interface) any IP address is served as well: a DNS-rebinding
-    page always arrives with a name of its own, never with an address."""
-
-    names: Tuple[str, ...]
-    port: int
-    any_address: bool = False
-
-    def __contains__(self, netloc: object) -> bool:
-        if not isinstance(netloc, str):
-            return False
-        host, port = _split_netloc(netloc)
-        if (80 if port is None else port) != self.port:
-            return False
-        return host in self.names or (self.any_address and _is_address(host))
-
-    def __str__(self) -> str:
-        shown = ", ".join(f"{name}:{self.port}" for name in self.names)
-        return shown + (" and this machine's addresses" if self.any_address else "")
-
-
-def served_hosts(host: str, port: int) -> ServedHosts:
-    """The Host names of a server listening on host:port: the loopback names for a loopback address,
-    the name or address given otherwise; for 0.0.0.0 / :: also this machine's names and addresses."""
-    bound = host.strip().strip("[]").lower()
-    shown = f"[{bound}]" if ":" in bound else bound
-    if bound in ("", "0.0.0.0", "::"):
-        names = LOOPBACK_NAMES + (socket.gethostname().lower(), socket.getfqdn().lower())
-        return ServedHosts(tuple(dict.fromkeys(names)), port, any_address=True)
-    if is_loopback(bound):
-        return ServedHosts(tuple(dict.fromkeys(LOOPBACK_NAMES + (shown,))), port)
-    return ServedHosts((shown,), port)
-
-
-# --------------------------------------------------------------------------------------------
-# middleware (plain ASGI: they see the request body's stream, and every response)
-
-
-class BodyTooLarge(StarletteHTTPException):
-    """Raised from the request body's stream once it has passed the limit."""
-
-    def __init__(self, detail: str) -> None:
-        super().__init__(status_code=413, detail=detail)
-
-
-class Gate:
-    """Security headers on every response; 421 for a Host the server was not started for; 403 for
-    a state-changing request from a foreign Origin; 413 for a body over the limit, counted on the
-    stream (a chunked upload is cut off there, whatever it claims)."""
-
-    def __init__(self, app, hosts: ServedHosts, limit_bytes: int, limit_mb: float) -> None:
-        self.app, self.hosts, self.limit, self.limit_mb = app, hosts, limit_bytes, limit_mb
-
-    def _too_large(self, size: str) -> str:
-        return f"the upload is {size}, larger than the app's limit of {self.limit_mb:g} MB"
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started = False
-
-        async def send_with_headers(message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-                headers = MutableHeaders(scope=message)
-                for name, value in SECURITY_HEADERS.items():
-                    if name not in headers:
-                        headers[name] = value
-            await send(message)
-
-        headers = Headers(scope=scope)
-        host = headers.get("host", "")
-        if host not in self.hosts:
-            response = _error(421, f"this server answers to {self.hosts} only, not to the name {host!r} "
-                                   f"(start it with --host NAME to serve another name)")
-            return await response(scope, receive, send_with_headers)
-        origin = headers.get("origin")
-        if scope["method"] in STATE_CHANGING and origin is not None and not self._same_origin(origin):
-            response = _error(403, f"refused: a page of another site ({origin}) may not change this app's sessions")
-            return await response(scope, receive, send_with_headers)
-        length = headers.get("content-length", "")
-        if length.isdigit() and int(length) > self.limit:
-            response = _error(413, self._too_large(f"{int(length) / 2**20:.0f} MB"))
-            return await response(scope, receive, send_with_headers)
-
-        received = 0
-
-        async def receive_counted():
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise BodyTooLarge(self._too_large(f"over {self.limit / 2**20:.0f} MB"))
-            return message
-
-        try:
-            await self.app(scope, receive_counted, send_with_headers)
-        except BodyTooLarge as exc:  # raised where nothing turned it into a response
-            if started:
-                raise
-            await _error(413, exc.detail)(scope, receive, send_with_headers)
-
-    def _same_origin(self, origin: str) -> bool:
-        parts = urlsplit(origin.strip())
-        return parts.scheme == "http" and parts.netloc in self.hosts
-
-
-class Sessions:
-    """Finds the session of an /api/ request (scope state "session"; None when there is none).
-
-    A POST without a session cookie starts a new session (503 when there is no room); the cookie
-    is set only when the request succeeded or left something in it (else the session is dropped).
-    A cookie naming a session that has ended: GET /api/state says so (and clears the cookie), any
-    other request is refused with 410.  A session is "working" while its requests run."""
-
-    def __init__(self, app, state: AppState) -> None:
-        self.app, self.state = app, state
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/api/"):
-            return await self.app(scope, receive, send)
-        cookie = _cookie(Headers(scope=scope))
-        session = self.state.find(cookie)
-        expired = bool(cookie) and session is None
-        created = False
-        if expired and scope["path"] != "/api/state":
-            return await _error(410, SESSION_GONE, _clear_cookie())(scope, receive, send)
-        if session is None and scope["method"] == "POST":
-            try:
-                session = self.state.new_session()
-            except AppFull as exc:
-                return await _error(503, str(exc))(scope, receive, send)
-            created = True
-        scope.setdefault("state", {}).update(session=session, session_expired=expired)
-        status = None
-
-        async def send_with_cookie(message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                headers = MutableHeaders(scope=message)
-                if created and (status < 400 or not session.is_empty()):
-                    headers.append("set-cookie", f"{COOKIE}={session.id}; HttpOnly; Path=/; SameSite=strict")
-                elif expired:
-                    headers.append("set-cookie", _clear_cookie()["set-cookie"])
-            await send(message)
-
-        if session is not None:
-            session.begin()
-        try:
-            await self.app(scope, receive, send_with_cookie)
-        finally:
-            if session is not None:
-                session.end()
-                if created and (status is None or status >= 400) and session.is_empty():
-                    self.state.discard(session)  # nobody was told of it
-
-
-def _cookie(headers: Headers) -> Optional[str]:
-    jar = SimpleCookie()
-    try:
-        jar.load(headers.get("cookie", ""))
-    except Exception:  # a malformed Cookie header names no session
-        return None
-    morsel = jar.get(COOKIE)
-    return morsel.value if morsel is not None and morsel.value else None
-
-
-def _clear_cookie() -> dict:
-    return {"set-cookie": f'{COOKIE}=""; expires=Thu, 01 Jan 1970 00:00:00 GMT; Max-Age=0; Path=/; SameSite=strict'}
 
 
 class Workers:
@@ -417,39 +161,39 @@ def create_app(state: AppState, hosts: ServedHosts) -> FastAPI:
     @app.exception_handler(InputError)
     @app.exception_handler(ValueError)
     async def bad_input(request: Request, exc: Exception):
-        return _error(400, str(exc))
+        return error_response(400, str(exc))
 
     @app.exception_handler(NotFound)
     async def not_found(request: Request, exc: NotFound):
-        return _error(404, str(exc))
+        return error_response(404, str(exc))
 
     @app.exception_handler(SessionGone)
     async def session_gone(request: Request, exc: SessionGone):
-        return _error(exc.status, str(exc))
+        return error_response(exc.status, str(exc))
 
     @app.exception_handler(SessionClosed)
     async def session_closed(request: Request, exc: SessionClosed):
-        return _error(410, SESSION_GONE)
+        return error_response(410, SESSION_GONE)
 
     @app.exception_handler(ServerStopping)
     async def stopping(request: Request, exc: ServerStopping):
-        return _error(503, "the server is stopping")
+        return error_response(503, "the server is stopping")
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError):
         problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
                              for e in exc.errors())
-        return _error(422, f"bad request ({problems})")
+        return error_response(422, f"bad request ({problems})")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        return _error(exc.status_code, str(exc.detail))
+        return error_response(exc.status_code, str(exc.detail))
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception):
         log.error("persam app: internal error on %s %s", request.method, request.url.path, exc_info=exc)
-        return _error(500, f"internal error ({type(exc).__name__}: {exc}); the server keeps running, "
-                           f"but this is a bug: please report it", headers=SECURITY_HEADERS)
+        return error_response(500, f"internal error ({type(exc).__name__}: {exc}); the server keeps running, "
+                                   f"but this is a bug: please report it", headers=SECURITY_HEADERS)
 
     async def run(request: Request, work: Callable[[Session], object]):
         """work(session) under the session's lock, in a worker thread."""

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path, PurePosixPath
 from typing import Iterable, List, Optional, Sequence, Set
 
-from persam.errors import InputError
+from persam.errors import SettingError
 from persam.data.io import atomic_write_text
 from persam.runs.key import differences, settings_key, strict_json
 from persam.runs.lock import output_lock
@@ -109,12 +109,12 @@ class EvalFolder:
         except (OSError, ValueError):
             data = None
         if not isinstance(data, dict) or data.get("format") != EVAL_FORMAT or not isinstance(data.get("files"), list):
-            raise InputError(f"{path} is not a persam eval record; refusing to replace it: move it away or use "
-                             f"another --out")
+            raise SettingError(f"{path} is not a persam eval record; refusing to replace it: move it away or use "
+                               f"another {{out}}", "out")
         version = data.get("version")
         if not isinstance(version, int) or version > EVAL_VERSION:
-            raise InputError(f"{path} was written by a newer persam (eval record version {version!r}); "
-                             f"upgrade persam or use another --out")
+            raise SettingError(f"{path} was written by a newer persam (eval record version {version!r}); "
+                               f"upgrade persam or use another {{out}}", "out")
         names = (_relative_name(f) for f in data["files"])
         self.files = {f for f in names if f is not None and os.path.lexists(self.out_dir / f)}
         self.earlier_key = data.get("key") if isinstance(data.get("key"), str) else None
@@ -136,8 +136,8 @@ class EvalFolder:
         if earlier and self.earlier_key != self.key:
             if not self.overwrite:
                 why = differences(self.earlier_key or "", self.earlier_made_with, self.made_with)
-                raise InputError(f"{self.out_dir} holds {len(earlier)} prediction(s) made with other settings "
-                                 f"({why}); use --overwrite to redo them, or another --out")
+                raise SettingError(f"{self.out_dir} holds {len(earlier)} prediction(s) made with other settings "
+                                   f"({why}); use {{overwrite}} to redo them, or another {{out}}", "overwrite", "out")
             self._stale = earlier
         same = self.earlier_key == self.key and not self.overwrite
         self.done = {f for f in predictions if same and f in self.files and (self.out_dir / f).is_file()}
@@ -158,8 +158,8 @@ class EvalFolder:
         for name in names:
             path = self.out_dir / name
             if os.path.lexists(path) and name not in self.files:
-                raise InputError(f"{path} was not written by persam ({self.out_dir / EVAL_FILE} does not list it); "
-                                 f"refusing to replace it: use another --out, or move the file away")
+                raise SettingError(f"{path} was not written by persam ({self.out_dir / EVAL_FILE} does not list it); "
+                                   f"refusing to replace it: use another {{out}}, or move the file away", "out")
 
     def claim(self, names: Sequence[str]) -> None:
         """List `names` in eval.json before any of them is written (checked first); a run that

@@ -17,11 +17,11 @@ import numpy as np
 
 from persam.errors import InputError
 from persam.data.io import atomic_write_bytes, atomic_write_text
-from persam.runs.models import DEFAULT_MODEL
+from persam.runs.defaults import DEFAULT_PRECISION
 
 from eval.outputs import SCORE_FILES, EvalFolder
 
-__all__ = ["DEFAULT_MODEL", "PredictionModel", "bar_chart", "check_prediction_size", "checkpoint_sha256",
+__all__ = ["PredictionModel", "bar_chart", "check_prediction_size", "checkpoint_sha256",
            "format_table", "predictions_to_score", "prediction_settings", "split_names", "timing_summary", "write_csv",
            "write_json"]
 
@@ -34,12 +34,12 @@ class PredictionModel:
     model_type: str
     checkpoint: Path
     device: str = "cpu"
-    precision: str = "fp32"
+    precision: str = DEFAULT_PRECISION
     backend: str = "auto"
     built: object = None  # the SamPredictor, once built (or given)
 
     @classmethod
-    def resolve(cls, model_type: str, checkpoint: Optional[str], device: str = "cpu", precision: str = "fp32",
+    def resolve(cls, model_type: str, checkpoint: Optional[str], device: str = "cpu", precision: str = DEFAULT_PRECISION,
                 backend: str = "auto", predictor=None) -> "PredictionModel":
         """`checkpoint` (default: the cached download of `model_type`; never downloads), checked to
         exist; InputError otherwise.  A `predictor` given is used as is, and `checkpoint` must name

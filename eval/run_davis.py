@@ -26,11 +26,12 @@ from tqdm import tqdm
 
 from persam.errors import InputError
 from persam.data.io import atomic_save_png, load_image, load_label_map
+from persam.runs.defaults import DEFAULT_MODEL, DEFAULT_PRECISION
 
 from eval.datasets import DavisDataset
 from eval.metrics import davis_sequence_scores, davis_summary
 from eval.outputs import PRED_FOLDER, SCORE_FILES, EvalFolder
-from eval.report import (DEFAULT_MODEL, PredictionModel, bar_chart, check_prediction_size, format_table,
+from eval.report import (PredictionModel, bar_chart, check_prediction_size, format_table,
                      prediction_settings, predictions_to_score, timing_summary, write_csv, write_json)
 
 __all__ = ["run_davis", "predict_davis", "score_davis"]
@@ -119,7 +120,7 @@ def run_davis(
     max_frames: Optional[int] = None,
     pred: Optional[str] = None,
     device: str = "cpu",
-    precision: str = "fp32",
+    precision: str = DEFAULT_PRECISION,
     year: str = "2017",
     split: Optional[str] = "val",
     resolution: str = "480p",

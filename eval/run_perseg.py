@@ -24,11 +24,12 @@ from tqdm import tqdm
 
 from persam.errors import InputError
 from persam.data.io import atomic_save_png, load_image, load_mask
+from persam.runs.defaults import DEFAULT_MODEL, DEFAULT_PRECISION
 
 from eval.datasets import PerSegDataset
 from eval.metrics import boundary_iou, class_scores, iou, miou
 from eval.outputs import PRED_FOLDER, SCORE_FILES, EvalFolder
-from eval.report import (DEFAULT_MODEL, PredictionModel, bar_chart, check_prediction_size, format_table,
+from eval.report import (PredictionModel, bar_chart, check_prediction_size, format_table,
                      prediction_settings, predictions_to_score, timing_summary, write_csv, write_json)
 
 __all__ = ["run_perseg", "predict_perseg", "score_perseg"]
@@ -110,7 +111,7 @@ def run_perseg(
     classes: Optional[Sequence[str]] = None,
     pred: Optional[str] = None,
     device: str = "cpu",
-    precision: str = "fp32",
+    precision: str = DEFAULT_PRECISION,
     progress: bool = True,
     stream: Optional[TextIO] = None,
     predictor=None,

@@ -15,6 +15,7 @@ from typing import Optional
 
 from persam.data.listing import ExpansionLimits
 from persam.errors import InputError
+from persam.runs.defaults import DEFAULT_PRECISION
 
 EMBEDDING_MIB = 4  # one 1 x 256 x 64 x 64 fp32 embedding
 MAX_REFERENCES = 8
@@ -46,7 +47,7 @@ class SessionClosed(RuntimeError):
 class AppConfig:
     model_type: str
     checkpoint: Optional[Path] = None  # its sha256 is recorded in concepts and results.json
-    precision: str = "fp32"
+    precision: str = DEFAULT_PRECISION
     max_sessions: int = 8
     max_embeddings: int = 48  # x 4 MiB
     max_megapixels: float = 50.0

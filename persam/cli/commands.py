@@ -42,7 +42,8 @@ from persam.cli.args import in_flags
 from persam.cli.parser import PROG
 from persam.cli.references import Reference, ReferencePrompt, read_references, sam_mask_files
 from persam.errors import InputError
-from persam.runs.models import DEFAULT_MODEL, ModelSpec, build_predictor, resolve_checkpoint
+from persam.runs.defaults import DEFAULT_MODEL
+from persam.runs.models import ModelSpec, build_predictor, resolve_checkpoint
 
 EXIT_ERROR = 2
 

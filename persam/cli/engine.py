@@ -13,7 +13,7 @@ import argparse
 from typing import Callable, Tuple
 
 from persam.cli.args import positive_int
-from persam.runs.models import DEFAULT_BATCH_SIZE
+from persam.runs.defaults import DEFAULT_BATCH_SIZE
 
 __all__ = ["add_options", "check", "extra_outputs", "run_on_ray", "write_formats"]
 

@@ -23,7 +23,8 @@ from persam.cli.args import in_flags
 from persam.cli.args import positive_int as _positive_int
 from persam.errors import InputError
 from persam.method.pipeline import METHODS
-from persam.runs.models import DEFAULT_BACKEND, DEFAULT_DEVICE, DEFAULT_MODEL, DEFAULT_PRECISION, DEVICES
+from persam.runs.defaults import DEFAULT_BACKEND, DEFAULT_DEVICE, DEFAULT_MODEL, DEFAULT_PRECISION
+from persam.runs.models import DEVICES
 
 from eval.report import split_names
 

@@ -18,7 +18,8 @@ from sam.precision import PRECISIONS
 from persam.cli.args import Parser, box, non_negative_int, point, positive_float, positive_int, similarity
 from persam.cli.engine import add_options as add_engine_options
 from persam.cli.references import ReferenceArgument
-from persam.runs.models import DEFAULT_BACKEND, DEFAULT_DEVICE, DEFAULT_MODEL, DEFAULT_PRECISION, DEVICES
+from persam.runs.defaults import DEFAULT_BACKEND, DEFAULT_DEVICE, DEFAULT_MODEL, DEFAULT_PRECISION
+from persam.runs.models import DEVICES
 
 PROG = "persam"
 EXIT_CODES = """\

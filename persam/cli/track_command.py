@@ -26,7 +26,8 @@ def _read_reference(args, source: FrameSource) -> Reference:
 def track_command(args) -> int:
     """``persam track``: the command (persam.cli.commands registers it).  0 done; 1 the video stopped early."""
     from persam.method.finetune import FinetuneSettings
-    from persam.runs.models import DEFAULT_MODEL, build_predictor, resolve_checkpoint
+    from persam.runs.defaults import DEFAULT_MODEL
+    from persam.runs.models import build_predictor, resolve_checkpoint
     from persam.runs.key import file_sha256
 
     if getattr(args, "format", "png") == "coco":

@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 from persam.errors import InputError
 from persam.runs.folder import OutputFolder
+from persam.runs.defaults import DEFAULT_BATCH_SIZE, DEFAULT_PRECISION
 from persam.runs.records import ImageResult, RunOptions, Target
 
 __all__ = ["INSTALL_HINT", "RayOptions", "RunStopped", "WorkerModel", "Segmenter", "read_files", "require_ray",
@@ -74,7 +75,7 @@ class RayOptions:
     workers: int = 1  # at most this many segmenting actors (each holds one model), as the cluster has room
     gpus_per_worker: float = 0.0  # > 0: each worker runs on (a share of) a GPU, with device cuda
     cpus_per_worker: float = 1.0  # CPUs each worker holds (and torch threads on CPU)
-    batch_size: int = 4  # images per worker call, encoded together
+    batch_size: int = DEFAULT_BATCH_SIZE  # images per worker call, encoded together
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -94,7 +95,7 @@ class WorkerModel:
     checkpoint: str
     checkpoint_sha256: Optional[str]
     device: str = "cpu"
-    precision: str = "fp32"
+    precision: str = DEFAULT_PRECISION
     backend: str = "auto"
 
 

@@ -45,7 +45,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tupl
 
 from tqdm import tqdm
 
-from persam.errors import InputError
+from persam.errors import InputError, SettingError
 from persam.data.io import atomic_write_text
 from persam.runs.key import (UNRECORDED_KEY, as_image_path, differences, image_sha256, mask_settings, settings_key,
                              strict_json)
@@ -123,9 +123,9 @@ def _read_earlier(folder: Path) -> _Earlier:
         return _Earlier()
     data = _results_data(path)
     if data is None:
-        raise InputError(
-            f"{path} is not a persam results file; refusing to replace it: move it away or use another --out"
-        )
+        raise SettingError(
+            f"{path} is not a persam results file; refusing to replace it: move it away or use another {{out}}",
+            "out")
     earlier = _Earlier()
     if "key" in data:
         earlier.made_with[str(data["key"])] = data.get("made_with")
@@ -297,10 +297,9 @@ class OutputFolder:
         names = ", ".join(t.path.name for t, _ in stale[:3]) + (", ..." if len(stale) > 3 else "")
         old_key = stale[0][1].get("key")
         why = differences(old_key, self.earlier.made_with.get(old_key), self.made_with)
-        raise InputError(
+        raise SettingError(
             f"{self.out_dir} holds results for {len(stale)} of these images ({names}) made with other settings "
-            f"({why}); use --overwrite to redo them, or another --out"
-        )
+            f"({why}); use {{overwrite}} to redo them, or another {{out}}", "overwrite", "out")
 
     def _files_to_write(self, targets: Sequence[Target]) -> List[str]:
         pending = [t for t in targets if t.pending]
@@ -312,8 +311,8 @@ class OutputFolder:
         for name in files:
             path = self.out_dir / name
             if os.path.lexists(path) and name not in self.files:
-                raise InputError(f"{path} was not written by persam (results.json there does not list it); "
-                                 f"refusing to replace it: use another --out, or move the file away")
+                raise SettingError(f"{path} was not written by persam (results.json there does not list it); "
+                                   f"refusing to replace it: use another {{out}}, or move the file away", "out")
 
     def _note_other_settings(self) -> None:
         """Say so when results.json keeps records of other images made with other settings."""

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from persam.errors import InputError
+from persam.errors import InputError, SettingError
 
 try:
     import fcntl
@@ -76,9 +76,9 @@ def _lock_file(path: Path, folder: Path) -> int:
             holder = _lock_holder(fd)
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise InputError(
-                    f"another persam run{holder} is writing to {folder}; wait for it to finish or use another --out"
-                ) from None
+                raise SettingError(
+                    f"another persam run{holder} is writing to {folder}; wait for it to finish or use another {{out}}",
+                    "out") from None
             raise InputError(f"cannot lock output folder {folder} ({exc.strerror or exc})") from None
         try:
             current = os.path.samestat(os.fstat(fd), os.stat(path))

@@ -19,15 +19,10 @@ from typing import Callable, Optional, Union
 from sam.download import MODELS
 
 from persam.errors import InputError, SettingError
+from persam.runs.defaults import DEFAULT_BACKEND, DEFAULT_DEVICE, DEFAULT_MODEL, DEFAULT_PRECISION
 
 DEVICES = ("cpu", "cuda", "mps")
 
-# every default of the model and run settings, defined once: the parsers of persam.cli take theirs from here
-DEFAULT_MODEL = "vit_t"  # fast on CPU; vit_h is the paper's model
-DEFAULT_DEVICE = "cpu"
-DEFAULT_PRECISION = "fp32"  # one of sam.precision.PRECISIONS
-DEFAULT_BACKEND = "auto"  # one of sam.backends.BACKEND_CHOICES
-DEFAULT_BATCH_SIZE = 4  # `persam segment / apply --batch-size`: target images encoded together
 
 Log = Callable[[str], None]
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from persam.data.io import atomic_write_bytes
 from persam.method.pipeline import Segmentation
+from persam.runs.defaults import DEFAULT_BATCH_SIZE
 
 RESULTS_FILE = "results.json"
 RESULTS_FORMAT = "persam-results"
@@ -45,7 +46,7 @@ class RunOptions:
     # Images segmented together: on a CPU up to one per torch thread side by side, each on one thread
     # (persam.method.pipeline.each_on_one_thread); on a GPU each decoder call of the method is made once for
     # all of them (persam.method.pipeline.segment_images), and they are encoded together.
-    batch_size: int = 1
+    batch_size: int = DEFAULT_BATCH_SIZE
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

@@ -475,3 +475,17 @@ def test_summary_counts_this_runs_images(data, checkpoint, tmp_path, capsys):
     assert len(summary) == 1 and summary[0].startswith("1 segmented, 0 already done, 0 skipped, 0 failed, ")
     assert "results.json also keeps 2 record(s) of other images from earlier runs" in summary[0]
     assert strict_json(out / "results.json")["summary"]["images"] == 3  # the file itself keeps all three
+
+
+def test_folder_errors_name_settings_and_the_command_line_words_them_as_flags(tmp_path):
+    """The output folder speaks in the library's terms ("another out"); the CLI edge says --out."""
+    from persam.cli.args import in_flags
+    from persam.errors import SettingError
+    from persam.runs.folder import OutputFolder
+
+    (tmp_path / "results.json").write_text("not a results file")
+    with pytest.raises(SettingError) as refused:
+        OutputFolder(tmp_path, RunOptions())
+    assert "use another out" in str(refused.value) and "--" not in str(refused.value)
+    assert in_flags(refused.value).endswith("use another --out")
+    assert str(tmp_path / "results.json") in in_flags(refused.value)

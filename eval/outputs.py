@@ -72,17 +72,15 @@ class EvalFolder:
         self.done: Set[str] = set()  # predictions kept from earlier runs (after plan)
         self._stale: List[str] = []  # predictions of another key, removed by claim (overwrite)
         self._lock = None
-        self._created: List[Path] = []  # folders this run created, deepest first
 
     @property
     def pred_dir(self) -> Path:
         return self.out_dir / PRED_FOLDER
 
     def __enter__(self) -> "EvalFolder":
-        self._created = [p for p in (self.out_dir, *self.out_dir.parents) if not os.path.lexists(p)]
         try:
             lock = output_lock(self.out_dir)
-            lock.__enter__()  # creates the folder
+            lock.__enter__()  # creates the folder, and removes it again if the run leaves it empty
             self._lock = lock
             self._read_earlier()
         except BaseException:
@@ -94,11 +92,6 @@ class EvalFolder:
         lock, self._lock = self._lock, None
         if lock is not None:
             lock.__exit__(*exc_info)
-        for folder in self._created:  # deepest first; only the empty ones (nothing was written)
-            try:
-                folder.rmdir()
-            except OSError:
-                break
 
     def _read_earlier(self) -> None:
         path = self.out_dir / EVAL_FILE

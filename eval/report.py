@@ -68,16 +68,10 @@ class PredictionModel:
 
 
 def checkpoint_sha256(path: Path) -> str:
-    """sha256 of a checkpoint file, or of the weights file in a HuggingFace checkpoint folder."""
+    """sha256 of a checkpoint file (a HuggingFace folder is resolved to its weights file by
+    persam.runs.models.resolve_checkpoint, which `PredictionModel.resolve` takes it through)."""
     from persam.runs.key import file_sha256
-    from sam.checkpoint import HF_WEIGHT_FILES
 
-    path = Path(path)
-    if path.is_dir():
-        found = [path / name for name in HF_WEIGHT_FILES if (path / name).is_file()]
-        if not found:
-            raise InputError(f"checkpoint {path} is a folder without {' or '.join(HF_WEIGHT_FILES)}")
-        path = found[0]
     try:
         return file_sha256(path)
     except OSError as exc:

@@ -224,19 +224,12 @@ def segment_images(
     groups = _worker_groups(len(images), workers if predictor.device.type == "cpu" else 1)
     if len(groups) <= 1:
         return _locate_and_segment(predictor, concept, images, min_similarity, keep_similarity)
-    threads = torch.get_num_threads()
-    threads_each = max(1, threads // len(groups))
-
     def segment_group(group: range) -> List[Segmentation]:
-        torch.set_num_threads(threads_each)  # this thread's own: its OpenMP team and MKL's
         return _locate_and_segment(predictor.sibling(), concept, [images[i] for i in group], min_similarity,
                                    keep_similarity)
 
-    try:
-        with ThreadPoolExecutor(len(groups), thread_name_prefix="persam-decode") as pool:
-            parts = list(pool.map(segment_group, groups))
-    finally:
-        torch.set_num_threads(threads)  # also the count that threads started later begin with
+    threads_each = max(1, torch.get_num_threads() // len(groups))
+    parts = _side_by_side(segment_group, groups, threads_each, len(groups), "persam-decode")
     return [segmentation for part in parts for segmentation in part]
 
 
@@ -272,17 +265,25 @@ def each_on_one_thread(predictor: SamPredictor, step: Callable[[SamPredictor, It
     items = list(items)
     if predictor.device.type != "cpu":
         return [step(predictor.sibling(), item) for item in items]
+    return _side_by_side(lambda item: step(predictor.sibling(), item), items, 1, workers, "persam-image")
+
+
+def _side_by_side(run: Callable[[Item], Result], items: Sequence[Item], threads_each: int, workers: int,
+                  name: str) -> List[Result]:
+    """``[run(item) for item in items]`` in order, each call with `threads_each` torch threads, up to
+    `workers` calls side by side in threads of their own (in this thread when one is enough). The
+    first error is raised after the calls already running end; the caller's thread count is restored."""
     threads = torch.get_num_threads()
 
-    def on_one_thread(item: Item) -> Result:
-        torch.set_num_threads(1)  # this thread's own: its OpenMP team and MKL's
-        return step(predictor.sibling(), item)
+    def on_its_thread(item: Item) -> Result:
+        torch.set_num_threads(threads_each)  # this thread's own: its OpenMP team and MKL's
+        return run(item)
 
     try:
         if workers <= 1 or len(items) <= 1:
-            return [on_one_thread(item) for item in items]
-        with ThreadPoolExecutor(min(workers, len(items)), thread_name_prefix="persam-image") as pool:
-            return list(pool.map(on_one_thread, items))
+            return [on_its_thread(item) for item in items]
+        with ThreadPoolExecutor(min(workers, len(items)), thread_name_prefix=name) as pool:
+            return list(pool.map(on_its_thread, items))
     finally:
         torch.set_num_threads(threads)  # also the count that threads started later begin with
 

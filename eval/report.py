@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
-from persam.errors import InputError
+from persam.errors import InputError, SettingError
 from persam.data.io import atomic_write_bytes, atomic_write_text
 from persam.runs.defaults import DEFAULT_PRECISION
 
@@ -121,7 +121,7 @@ def predictions_to_score(
     if pred is not None:
         pred_dir = Path(pred)
         if not pred_dir.is_dir():
-            raise InputError(f"--pred {pred_dir}: folder not found")
+            raise SettingError(f"{{pred}} {pred_dir}: folder not found", "pred")
         folder.refuse_foreign(SCORE_FILES)
         return pred_dir, {"pred": str(pred_dir), "method": None, "model": None, "key": None, "made_with": None,
                           "timing": None}

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, TextIO
 
 import numpy as np
 from tqdm import tqdm
 
-from persam.errors import InputError
+from persam.errors import InputError, SettingError
 from persam.data.io import atomic_save_png, load_image, load_label_map
 from persam.runs.defaults import DEFAULT_MODEL, DEFAULT_PRECISION
 
@@ -130,8 +131,13 @@ def run_davis(
     predictor=None,
     backend: str = "auto",
     overwrite: bool = False,
+    tracker: str = "persam",
+    input_size: Optional[int] = None,
 ) -> Dict[str, object]:
     """The whole DAVIS evaluation (see the module doc); returns what scores.json holds.
+
+    `tracker` "sam2": SAM 2.1 (`model_type` sam2.1_hiera_*, at `input_size`, default 1024) follows the
+    first-frame masks instead of PerSAM (eval.run_davis_sam2); `method` and `use_previous_box` do not apply.
 
     Everything is checked before `out` is touched; InputError (one line) on bad input and on a
     conflict with what `out` holds (results made with other settings without `overwrite`, a
@@ -146,11 +152,21 @@ def run_davis(
             raise InputError(f"unknown DAVIS sequence(s): {', '.join(unknown)} (available: {', '.join(dataset.sequences())})")
         selected = list(sequences)
     if max_frames is not None and max_frames < 1:
-        raise InputError(f"--max-frames must be at least 1, got {max_frames}")
+        raise SettingError(f"{{max_frames}} must be at least 1, got {max_frames}", "max_frames")
     out_dir = Path(out)
     model, made_with = None, None
+    predict = partial(predict_davis, method=method, use_previous_box=use_previous_box)
+    if tracker == "sam2":
+        from eval.run_davis_sam2 import Sam2PredictionModel, predict_davis_sam2
+
+        method, use_previous_box, predict = "sam2", None, predict_davis_sam2
+    elif tracker != "persam":
+        raise SettingError(f"{{tracker}} must be persam or sam2, not {tracker!r}", "tracker")
     if pred is None:
-        model = PredictionModel.resolve(model_type, checkpoint, device, precision, backend, predictor)
+        resolve = Sam2PredictionModel.resolve if tracker == "sam2" else PredictionModel.resolve
+        model = resolve(model_type, checkpoint, device, precision, backend, predictor)
+        if tracker == "sam2":
+            model.input_size = input_size
         made_with = prediction_settings("davis", Path(data), method, model, resolution=resolution,
                                         max_frames=max_frames, use_previous_box=use_previous_box)
     record: Dict[str, object] = {"dataset": f"davis{year}", "data": str(data), "split": split,
@@ -160,8 +176,8 @@ def run_davis(
                        for name, _, _ in _frames(dataset, seq, max_frames)]
         pred_dir, fields = predictions_to_score(
             pred, folder, predictions,
-            lambda p, done: predict_davis(p, dataset, selected, folder.pred_dir, method, max_frames, use_previous_box,
-                                          progress, done),
+            lambda p, done: predict(p, dataset, selected, folder.pred_dir, max_frames=max_frames, progress=progress,
+                                    done=done),
             model, method, extra={"use_previous_box": use_previous_box})
         record.update(fields)
         scores = score_davis(dataset, selected, pred_dir, max_frames)

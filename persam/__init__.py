@@ -1,4 +1,4 @@
-"""persam: personalized one-shot segmentation (PerSAM, PerSAM-F) on a Segment Anything core.
+"""persam: personalized one-shot segmentation (PerSAM, PerSAM-F, GF-SAM) on a Segment Anything core.
 
 The public face; everything a program needs to learn an object once and find it again::
 
@@ -17,6 +17,8 @@ from typing import Any, Dict
 _WHERE: Dict[str, str] = {
     "PerSAM": "persam.method.pipeline",
     "PerSAMF": "persam.method.pipeline",
+    "GFSAM": "persam.method.gfsam",
+    "GFSAMSettings": "persam.method.gfsam",
     "Concept": "persam.method.pipeline",
     "Segmentation": "persam.method.pipeline",
     "learn_concept": "persam.method.pipeline",

@@ -102,14 +102,14 @@ def resolve_backend(backend: Optional[str], device: Union[str, torch.device], pr
     if device.type != "cpu":
         raise BackendUnavailable(
             f"backend {requested!r} runs the image encoder on the CPU, but the model is on {device}; "
-            f"use backend 'torch' (--backend torch) on {device.type}"
+            f"use backend 'torch' on {device.type}"
         )
     if requested == "onnxruntime" and precision != "fp32":
         raise BackendUnavailable(f"backend 'onnxruntime' runs fp32 only, not {precision}; use 'openvino' or 'torch'")
     if not is_installed(requested):
         raise BackendUnavailable(
             f"backend {requested!r} is not installed: pip install -e \".[{EXTRAS[requested]}]\" "
-            f"(or pip install 'persam[{EXTRAS[requested]}]'), or choose --backend torch"
+            f"(or pip install 'persam[{EXTRAS[requested]}]'), or choose backend 'torch'"
         )
     return requested
 

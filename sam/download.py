@@ -64,6 +64,7 @@ class ModelFile:
     url: str
     size: Optional[int]  # bytes; None when not known
     sha256: Optional[str]  # lower-case hex digest; None skips the hash check
+    family: str = "sam"  # which model it is for: "sam" (build_sam), "dinov2" (sam.dinov2.load_dinov2), "sam2" (sam.sam2.build.load_sam2)
 
 
 MODELS: dict[str, ModelFile] = {
@@ -94,6 +95,74 @@ MODELS: dict[str, ModelFile] = {
         url="https://github.com/ChaoningZhang/MobileSAM/raw/master/weights/mobile_sam.pt",
         size=40728226,
         sha256="6dbb90523a35330fedd7f1d3dfc66f995213d81b29a5ca8108dbcdd4e37d6c2f",
+    ),
+    # DINOv2 backbones (GF-SAM's features; sam/dinov2.py).  Sizes and sha256 as listed by several
+    # independent HuggingFace re-hosts of Meta's files (Git LFS details); none found for ViT-g/14.
+    "dinov2_vits14": ModelFile(
+        model_type="dinov2_vits14",
+        filename="dinov2_vits14_pretrain.pth",
+        url="https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth",
+        size=88283115,
+        sha256="b938bf1bc15cd2ec0feacfe3a1bb553fe8ea9ca46a7e1d8d00217f29aef60cd9",
+        family="dinov2",
+    ),
+    "dinov2_vitb14": ModelFile(
+        model_type="dinov2_vitb14",
+        filename="dinov2_vitb14_pretrain.pth",
+        url="https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth",
+        size=346378731,
+        sha256="0b8b82f85de91b424aded121c7e1dcc2b7bc6d0adeea651bf73a13307fad8c73",
+        family="dinov2",
+    ),
+    "dinov2_vitl14": ModelFile(
+        model_type="dinov2_vitl14",
+        filename="dinov2_vitl14_pretrain.pth",
+        url="https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth",
+        size=1217586395,
+        sha256="d5383ea8f4877b2472eb973e0fd72d557c7da5d3611bd527ceeb1d7162cbf428",
+        family="dinov2",
+    ),
+    "dinov2_vitg14": ModelFile(
+        model_type="dinov2_vitg14",
+        filename="dinov2_vitg14_pretrain.pth",
+        url="https://dl.fbaipublicfiles.com/dinov2/dinov2_vitg14/dinov2_vitg14_pretrain.pth",
+        size=None,  # about 4.5 GB; no digest found that could be trusted: unverified download
+        sha256=None,
+        family="dinov2",
+    ),
+    # SAM 2.1 (sam/sam2; Meta's 092824 release). No byte count or sha256 found that could be trusted
+    # (no listing of Meta's files with full digests was reachable): unverified downloads.
+    "sam2.1_hiera_t": ModelFile(
+        model_type="sam2.1_hiera_t",
+        filename="sam2.1_hiera_tiny.pt",
+        url="https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hiera_tiny.pt",
+        size=None,
+        sha256=None,
+        family="sam2",
+    ),
+    "sam2.1_hiera_s": ModelFile(
+        model_type="sam2.1_hiera_s",
+        filename="sam2.1_hiera_small.pt",
+        url="https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hiera_small.pt",
+        size=None,
+        sha256=None,
+        family="sam2",
+    ),
+    "sam2.1_hiera_b+": ModelFile(
+        model_type="sam2.1_hiera_b+",
+        filename="sam2.1_hiera_base_plus.pt",
+        url="https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hiera_base_plus.pt",
+        size=None,
+        sha256=None,
+        family="sam2",
+    ),
+    "sam2.1_hiera_l": ModelFile(
+        model_type="sam2.1_hiera_l",
+        filename="sam2.1_hiera_large.pt",
+        url="https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hiera_large.pt",
+        size=None,
+        sha256=None,
+        family="sam2",
     ),
 }
 
@@ -205,9 +274,10 @@ def _again(model_type: str) -> str:
 def _by_hand(entry: ModelFile, part: Path) -> str:
     """Where a checkpoint downloaded by hand must go (the cache folder being written to; the
     final name is free, else the cached file would have been used)."""
+    flag = "--dinov2-checkpoint" if entry.family == "dinov2" else "--checkpoint"
     return (
         f"or download {entry.url} by hand and save it as {part.with_name(entry.filename)} "
-        f"(or pass it with --checkpoint FILE)"
+        f"(or pass it with {flag} FILE)"
     )
 
 

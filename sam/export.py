@@ -20,7 +20,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -38,9 +38,12 @@ EXPORT_BIAS_ELEMENTS = 1 << 28
 # vit_t and vit_b were measured to take (docs/performance.md), and an allowance for the larger
 # ViTs, which export the same way with more blocks.
 EXPECTED_BUILD = {"vit_t": "up to a minute", "vit_b": "up to a minute", "vit_l": "a few minutes",
-                  "vit_h": "a few minutes"}
+                  "vit_h": "a few minutes", "dinov2_vits14": "up to a minute", "dinov2_vitb14": "up to a minute",
+                  "dinov2_vitl14": "a few minutes", "dinov2_vitg14": "several minutes"}
 
 Log = Callable[[str], None]
+# An export's input size: S for SAM's S x S square, (H, W) for DINOv2, whose input follows the photo's aspect.
+InputSize = Union[int, Tuple[int, int]]
 
 
 def _stderr(message: str) -> None:
@@ -86,8 +89,13 @@ def compiled_dir(cache_dir: Union[str, os.PathLike, None] = None) -> Path:
     return (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / "compiled"
 
 
-def cache_key(kind: str, sha256: str, precision: str, img_size: int, backend: str) -> str:
-    return f"{kind}-{sha256[:16]}-{precision}-{img_size}-{backend}-v{EXPORT_VERSION}"
+def cache_key(kind: str, sha256: str, precision: str, img_size: InputSize, backend: str) -> str:
+    size = img_size if isinstance(img_size, int) else "x".join(str(int(n)) for n in img_size)
+    return f"{kind}-{sha256[:16]}-{precision}-{size}-{backend}-v{EXPORT_VERSION}"
+
+
+def _height_width(img_size: InputSize) -> Tuple[int, int]:
+    return (img_size, img_size) if isinstance(img_size, int) else (int(img_size[0]), int(img_size[1]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,11 +136,11 @@ def _export_attention(q, k, v, rel_h, rel_w, scale):
     return torch.cat(blocks, dim=2)
 
 
-def _example_input(img_size: int, batch: int = 2) -> torch.Tensor:
-    return torch.zeros(batch, 3, img_size, img_size)
+def _example_input(img_size: InputSize, batch: int = 2) -> torch.Tensor:
+    return torch.zeros(batch, 3, *_height_width(img_size))
 
 
-def export_openvino(encoder: nn.Module, img_size: int, xml: Path, route: str = "onnx") -> None:
+def export_openvino(encoder: nn.Module, img_size: InputSize, xml: Path, route: str = "onnx") -> None:
     """Convert `encoder` (fp32, CPU) to an OpenVINO IR at `xml` (+ .bin), batch dynamic, fp32 weights.
 
     route "onnx" (default): torch's ONNX exporter, read by OpenVINO's ONNX front end (several
@@ -157,14 +165,14 @@ def export_openvino(encoder: nn.Module, img_size: int, xml: Path, route: str = "
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 model = ov.convert_model(program)
-        model.reshape({model.inputs[0]: ov.PartialShape([-1, 3, img_size, img_size])})
+        model.reshape({model.inputs[0]: ov.PartialShape([-1, 3, *_height_width(img_size)])})
         ov.save_model(model, str(xml), compress_to_fp16=False)  # the default would halve the weights
         del model
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _torch_export(encoder: nn.Module, img_size: int):
+def _torch_export(encoder: nn.Module, img_size: InputSize):
     """torch.export of `encoder` with a dynamic batch (static batch 1 if that fails)."""
     with warnings.catch_warnings(), torch.no_grad(), export_friendly(encoder):
         warnings.simplefilter("ignore")
@@ -175,7 +183,7 @@ def _torch_export(encoder: nn.Module, img_size: int):
             return torch.export.export(encoder, (_example_input(img_size, 1),))
 
 
-def export_onnx(encoder: nn.Module, img_size: int, path: Path) -> None:
+def export_onnx(encoder: nn.Module, img_size: InputSize, path: Path) -> None:
     """Export `encoder` to ONNX at `path` (opset 17, batch dynamic) with torch's TorchScript exporter."""
     with warnings.catch_warnings(), torch.no_grad(), export_friendly(encoder):
         warnings.simplefilter("ignore")
@@ -243,7 +251,7 @@ def ensure_export(
     kind: str,
     sha256: str,
     precision: str,
-    img_size: int,
+    img_size: InputSize,
     cache_dir: Union[str, os.PathLike, None] = None,
     log: Optional[Log] = _stderr,
 ) -> tuple:

@@ -8,6 +8,11 @@ import torch
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
+class EmulatedBF16Warning(RuntimeWarning):
+    """bf16 asked for on a CPU without native bf16: it runs, emulated, several times slower than fp32.
+    A class of its own so that a caller who has said so in its own words can silence exactly this."""
+
+
 def autocast_context(device: torch.device, precision: str) -> ContextManager:
     """Autocast for the reduced-precision modes ("bf16", "fp16"); nothing for "fp32"."""
     if precision not in PRECISIONS:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .backends import make_encoder, resolve_backend
-from .precision import autocast_context
+from .precision import EmulatedBF16Warning, autocast_context
 from .sam import Sam
 from .transforms import preprocess_shape, resize_longest_side, scale_boxes, scale_coords
 
@@ -81,7 +81,7 @@ class SamPredictor:
             warnings.warn(
                 "this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 is emulated and runs several times "
                 "slower than fp32 here; use precision='fp32'",
-                RuntimeWarning,
+                EmulatedBF16Warning,
                 stacklevel=2,
             )
         self._encoder_options = {"sha256": checkpoint_sha256, "cache_dir": cache_dir}

@@ -94,3 +94,15 @@ def write_random_checkpoint(path: Path, model_type: str = "vit_t", seed: int = 0
 
     torch.save(random_state_dict(build_sam_model(model_type), seed=seed), path)
     return path
+
+
+@pytest.fixture
+def one_torch_thread():
+    """The test on one torch thread, restored after it: SAM 2's tests run many small steps, which on a
+    shared, loaded 2-core CPU run many times slower on two threads that wait for each other."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -8,9 +8,9 @@ import persam
 
 def test_every_public_name_is_the_librarys_own_object():
     from persam.data import concept, io
-    from persam.method import multi, pipeline
+    from persam.method import gfsam, multi, pipeline
 
-    owners = {"PerSAM": pipeline, "PerSAMF": pipeline, "learn_concept": pipeline, "segment": pipeline,
+    owners = {"PerSAM": pipeline, "PerSAMF": pipeline, "GFSAM": gfsam, "learn_concept": pipeline, "segment": pipeline,
               "segment_objects": multi, "load_concept": concept, "save_concept": concept, "load_image": io,
               "load_mask": io}
     for name, module in owners.items():

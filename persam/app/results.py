@@ -14,10 +14,12 @@ import math
 import shutil
 import time
 import zipfile
+from pathlib import Path
 from typing import List, Optional, Tuple
 
 import numpy as np
 
+from persam.app import gfsam
 from persam.app.images import jpeg, png, shrink
 from persam.app.items import Drawing
 from persam.app.settings import CONCEPT_IN_ZIP, GALLERY_SIDE, NotFound, Settings
@@ -44,9 +46,13 @@ def segment_target(session, target_id: str, settings: Settings) -> dict:
     except InputError as exc:  # a folder target that cannot be read: its card says so
         t.result, t.overlay, t.drawing = {"status": "error", "error": str(exc)}, b"", None
         return t.info()
-    encoded = session.predictor.select(t.key, lambda: image)
-    encoded_at = time.perf_counter()
-    segs, peak = _find(session.predictor, concept, settings)
+    if concept.method == gfsam.METHOD:  # it encodes the photo itself (SAM and DINOv2 on its frame)
+        encoded, encoded_at = False, time.perf_counter()
+        segs, peak = gfsam.find(session, concept, image, settings)
+    else:
+        encoded = session.predictor.select(t.key, lambda: image)
+        encoded_at = time.perf_counter()
+        segs, peak = _find(session.predictor, concept, settings)
     found = [s for s in segs if s.found]
     done = time.perf_counter()
 
@@ -131,6 +137,8 @@ def similarity_png(session, target_id: str) -> bytes:
 
     t = session.target(target_id)
     concept = session.require_concept()
+    if concept.method == gfsam.METHOD:
+        raise InputError("GF-SAM draws no similarity heat map (the map is PerSAM's, over SAM's features)")
     if t.key is None:  # a folder target not segmented yet: read it for its key
         session.load_target(t)
     session.predictor.select(t.key, lambda: session.load_target(t))
@@ -144,11 +152,8 @@ def results_zip(session, settings: Settings) -> bytes:
     """The masks, overlays and results.json of every target, written by persam.runs.folder's OutputFolder
     (what `persam apply reference.concept TARGETS --out DIR` writes), plus the concept file and
     the reference masks, as one zip."""
-    from persam.data.io import atomic_save_png
     from persam.runs.folder import OutputFolder
-    from persam.runs.key import file_sha256
     from persam.runs.local import run_folder
-    from persam.runs.records import RESULTS_FILE, RunOptions
 
     concept = session.require_concept()
     if not session.targets:
@@ -156,47 +161,78 @@ def results_zip(session, settings: Settings) -> bytes:
     work = session.dir / f"zip-{session.new_id()}"
     out = work / "results"
     try:
-        name, data = session.concept_bytes()
         work.mkdir(parents=True)
         concept_file = work / CONCEPT_IN_ZIP
-        concept_file.write_bytes(data)
+        concept_file.write_bytes(session.concept_bytes()[1])
         refs = session.concept_references()
         ref_masks = [f"reference_mask_{k}.png" if len(refs) > 1 else "reference_mask.png"
                      for k, _ in enumerate(refs, start=1)]
-        info = {"model_type": session.app.config.model_type,
-                "checkpoint": session.app.config.checkpoint.name if session.app.config.checkpoint else None,
-                "concept": CONCEPT_IN_ZIP, "made_by": "persam app",
-                "reference": {"images": [r.name for r in refs], "masks": ref_masks or None,
-                              "mask_sources": [r.mask_source for r in refs] or None,
-                              "points": [[list(p) for p in r.points] for r in refs] or None,
-                              "boxes": [list(r.box) if r.box else None for r in refs] or None,
-                              "concept_file": session.concept_source if session.concept_source != "references" else None}}
-        made_with = {"method": concept.method, "concept_sha256": file_sha256(concept_file),
-                     "model_type": session.app.config.model_type, "checkpoint_sha256": session.app.checkpoint_sha256(),
-                     "precision": session.app.config.precision}
-        options = RunOptions(multi=settings.multi, max_objects=settings.max_objects,
-                             min_similarity=settings.min_similarity, progress=False, info=info,
-                             made_with=made_with, extra_outputs=(CONCEPT_IN_ZIP, *ref_masks),
-                             reference_images=tuple(r.path for r in refs))
+        options = _zip_run_options(session, settings, concept, concept_file, refs, ref_masks)
         targets = list(session.targets.values())
         with OutputFolder(out, options, log=lambda line: None) as folder:
             planned = folder.plan([t.path for t in targets])
-            run_folder(folder, session.predictor, concept, planned)
-        shutil.copyfile(concept_file, out / CONCEPT_IN_ZIP)
-        for r, mask_name in zip(refs, ref_masks):
-            atomic_save_png(out / mask_name, r.mask)
-        results = json.loads((out / RESULTS_FILE).read_text(encoding="utf-8"))
-        shown = {str(t.path): t.name for t in targets if t.uploaded}  # no server paths for uploads
-        for record in results.get("images", []):
-            if record.get("image") in shown:
-                record["image"] = shown[record["image"]]
-        (out / RESULTS_FILE).write_text(json.dumps(results, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-        buffer = io.BytesIO()
-        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-            archive.write(out / RESULTS_FILE, RESULTS_FILE)
-            for file in sorted(results.get("files", [])):
-                if file != RESULTS_FILE and (out / file).is_file():
-                    archive.write(out / file, file)
-        return buffer.getvalue()
+            if concept.method == gfsam.METHOD:  # on the app's predictor itself, under the shared lock
+                with session.app.model.lock:
+                    run_folder(folder, session.app.model.predictor, gfsam.zip_task(session, concept), planned)
+            else:
+                run_folder(folder, session.predictor, concept, planned)
+        _add_references(out, concept_file, refs, ref_masks)
+        results = _hide_server_paths(out, targets)
+        return _zipped(out, results)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _zip_run_options(session, settings: Settings, concept, concept_file: Path, refs, ref_masks: List[str]):
+    """The run's options: the page's settings, what made the masks, and the files beside them."""
+    from persam.runs.key import file_sha256
+    from persam.runs.records import RunOptions
+
+    config = session.app.config
+    info = {"model_type": config.model_type, "checkpoint": config.checkpoint.name if config.checkpoint else None,
+            "concept": CONCEPT_IN_ZIP, "made_by": "persam app",
+            "reference": {"images": [r.name for r in refs], "masks": ref_masks or None,
+                          "mask_sources": [r.mask_source for r in refs] or None,
+                          "points": [[list(p) for p in r.points] for r in refs] or None,
+                          "boxes": [list(r.box) if r.box else None for r in refs] or None,
+                          "concept_file": session.concept_source if session.concept_source != "references" else None}}
+    made_with = {"method": concept.method, "concept_sha256": file_sha256(concept_file),
+                 "model_type": config.model_type, "checkpoint_sha256": session.app.checkpoint_sha256(),
+                 "precision": config.precision}
+    return RunOptions(multi=settings.multi, max_objects=settings.max_objects, min_similarity=settings.min_similarity,
+                      progress=False, info=info, made_with=made_with, extra_outputs=(CONCEPT_IN_ZIP, *ref_masks),
+                      reference_images=tuple(r.path for r in refs))
+
+
+def _add_references(out: Path, concept_file: Path, refs, ref_masks: List[str]) -> None:
+    from persam.data.io import atomic_save_png
+
+    shutil.copyfile(concept_file, out / CONCEPT_IN_ZIP)
+    for r, mask_name in zip(refs, ref_masks):
+        atomic_save_png(out / mask_name, r.mask)
+
+
+def _hide_server_paths(out: Path, targets) -> dict:
+    """results.json with uploaded images named by their names, not by where the server keeps them."""
+    from persam.runs.records import RESULTS_FILE
+
+    results = json.loads((out / RESULTS_FILE).read_text(encoding="utf-8"))
+    shown = {str(t.path): t.name for t in targets if t.uploaded}
+    for record in results.get("images", []):
+        if record.get("image") in shown:
+            record["image"] = shown[record["image"]]
+    (out / RESULTS_FILE).write_text(json.dumps(results, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    return results
+
+
+def _zipped(out: Path, results: dict) -> bytes:
+    """results.json and every file it lists, as one zip."""
+    from persam.runs.records import RESULTS_FILE
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.write(out / RESULTS_FILE, RESULTS_FILE)
+        for file in sorted(results.get("files", [])):
+            if file != RESULTS_FILE and (out / file).is_file():
+                archive.write(out / file, file)
+    return buffer.getvalue()

@@ -17,7 +17,7 @@ What protects the user's machine is :mod:`persam.app.guard` (Host names, Origins
     GET    /api/references/{id}/image.jpg      the reference as the page shows it
     POST   /api/references/{id}/prompts        {"points": [[x, y, label], ...], "box": [x0, y0, x1, y1] | null}
     POST   /api/references/{id}/mask           upload its mask instead
-    POST   /api/learn                          {"method": "persam" | "persam_f", "steps": 1000}
+    POST   /api/learn                          {"method": "persam" | "persam_f" | "gfsam", "steps": 1000}
     GET    /api/concept                        download the concept file
     POST   /api/concept                        load a concept file
     POST   /api/targets                        upload target images (one or more)
@@ -39,9 +39,9 @@ import socket
 import sys
 import threading
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Awaitable, Callable, List, Optional, Tuple
 
-from fastapi import FastAPI, File, Request, UploadFile
+from fastapi import APIRouter, FastAPI, File, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -53,7 +53,7 @@ from persam.app.guard import SECURITY_HEADERS, Gate, ServedHosts, error_response
 from persam.app.session import Session
 from persam.app.settings import MAX_CLICKS, AppConfig, NotFound, SessionClosed, Settings
 from persam.app.state import AppState
-from persam.errors import InputError
+from persam.errors import InputError, SettingError
 
 __all__ = ["create_app", "open_socket", "serve"]
 
@@ -154,10 +154,19 @@ def create_app(state: AppState, hosts: ServedHosts) -> FastAPI:
     app = FastAPI(title="persam", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.persam = state
     upload_limit = int(state.config.max_upload_mb * 2**20)
-    workers = Workers(WORKER_THREADS)
     app.add_middleware(Sessions, state=state)
     app.add_middleware(Gate, hosts=hosts, limit_bytes=upload_limit + 2**20, limit_mb=state.config.max_upload_mb)
+    _add_error_handlers(app)
+    run = _session_runner(Workers(WORKER_THREADS))
+    app.include_router(_page_routes(state, run))
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.include_router(_reference_routes(run))
+    app.include_router(_target_routes(run))
+    return app
 
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error answered as one JSON line with its HTTP status (a bug as 500, logged)."""
     @app.exception_handler(InputError)
     @app.exception_handler(ValueError)
     async def bad_input(request: Request, exc: Exception):
@@ -195,6 +204,11 @@ def create_app(state: AppState, hosts: ServedHosts) -> FastAPI:
         return error_response(500, f"internal error ({type(exc).__name__}: {exc}); the server keeps running, "
                                    f"but this is a bug: please report it", headers=SECURITY_HEADERS)
 
+
+Runner = Callable[[Request, Callable[[Session], object]], Awaitable[object]]
+
+
+def _session_runner(workers: Workers) -> Runner:
     async def run(request: Request, work: Callable[[Session], object]):
         """work(session) under the session's lock, in a worker thread."""
         session: Optional[Session] = request.state.session
@@ -202,20 +216,24 @@ def create_app(state: AppState, hosts: ServedHosts) -> FastAPI:
             raise SessionGone(expired=request.state.session_expired)
         return await workers.run(lambda: session.run(work))
 
-    def picture(data: bytes, media_type: str) -> Response:
-        if not data:
-            raise NotFound("no picture yet: run the targets first")
-        return Response(data, media_type=media_type)
+    return run
 
-    # the page
 
-    @app.get("/", include_in_schema=False)
+def _picture(data: bytes, media_type: str) -> Response:
+    if not data:
+        raise NotFound("no picture yet: run the targets first")
+    return Response(data, media_type=media_type)
+
+
+def _page_routes(state: AppState, run: Runner) -> APIRouter:
+    """The page and the session's state."""
+    router = APIRouter()
+
+    @router.get("/", include_in_schema=False)
     def index():
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
-
-    @app.get("/api/state")
+    @router.get("/api/state")
     async def get_state(request: Request):
         if request.state.session is None:  # no session yet: nothing is made by looking
             note = SESSION_EXPIRED_NOTE if request.state.session_expired else None
@@ -223,52 +241,62 @@ def create_app(state: AppState, hosts: ServedHosts) -> FastAPI:
                     "app": state.status()}
         return {**await run(request, lambda s: s.state()), "session": True, "expired": None, "app": state.status()}
 
-    # references
+    return router
 
-    @app.post("/api/references")
+
+def _reference_routes(run: Runner) -> APIRouter:
+    """The reference photos, their prompts or masks, and the concept learned from them."""
+    router = APIRouter()
+
+    @router.post("/api/references")
     async def add_reference(request: Request, file: UploadFile = File(...)):
         return await run(request, lambda s: s.add_reference(file.filename, file.file))
 
-    @app.delete("/api/references/{ref_id}")
+    @router.delete("/api/references/{ref_id}")
     async def remove_reference(request: Request, ref_id: str):
         await run(request, lambda s: s.remove_reference(ref_id))
         return {"removed": ref_id}
 
-    @app.get("/api/references/{ref_id}/image.jpg")
+    @router.get("/api/references/{ref_id}/image.jpg")
     async def reference_image(request: Request, ref_id: str):
-        return picture(await run(request, lambda s: s.reference(ref_id).preview), "image/jpeg")
+        return _picture(await run(request, lambda s: s.reference(ref_id).preview), "image/jpeg")
 
-    @app.post("/api/references/{ref_id}/prompts")
+    @router.post("/api/references/{ref_id}/prompts")
     async def set_prompts(request: Request, ref_id: str, body: Optional[PromptsBody] = None):
         body = body or PromptsBody()
         points = [list(p) for p in body.points]
         box = list(body.box) if body.box is not None else None
         return await run(request, lambda s: s.set_prompts(ref_id, points, box))
 
-    @app.post("/api/references/{ref_id}/mask")
+    @router.post("/api/references/{ref_id}/mask")
     async def set_mask(request: Request, ref_id: str, file: UploadFile = File(...)):
         return await run(request, lambda s: s.set_mask_file(ref_id, file.filename, file.file))
 
     # the concept
 
-    @app.post("/api/learn")
+    @router.post("/api/learn")
     async def learn(request: Request, body: Optional[LearnBody] = None):
         body = body or LearnBody()
         return await run(request, lambda s: s.learn(body.method, body.steps))
 
-    @app.get("/api/concept")
+    @router.get("/api/concept")
     async def download_concept(request: Request):
         name, data = await run(request, lambda s: s.concept_bytes())
         return Response(data, media_type="application/octet-stream",
                         headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
-    @app.post("/api/concept")
+    @router.post("/api/concept")
     async def upload_concept(request: Request, file: UploadFile = File(...)):
         return await run(request, lambda s: s.load_concept(file.filename, file.file))
 
-    # targets
+    return router
 
-    @app.post("/api/targets")
+
+def _target_routes(run: Runner) -> APIRouter:
+    """The target photos, their results and the zip of them all."""
+    router = APIRouter()
+
+    @router.post("/api/targets")
     async def add_targets(request: Request, files: List[UploadFile] = File(...)):
         def work(s: Session):
             added, errors = [], []
@@ -283,51 +311,51 @@ def create_app(state: AppState, hosts: ServedHosts) -> FastAPI:
 
         return await run(request, work)
 
-    @app.post("/api/targets/folder")
+    @router.post("/api/targets/folder")
     async def add_folder(request: Request, body: Optional[FolderBody] = None):
         path = (body or FolderBody()).path
         added, notes = await run(request, lambda s: s.add_folder(path))
         return {"targets": added, "notes": notes}
 
-    @app.delete("/api/targets")
+    @router.delete("/api/targets")
     async def clear_targets(request: Request):
         await run(request, lambda s: s.clear_targets())
         return {"removed": "all"}
 
-    @app.delete("/api/targets/{target_id}")
+    @router.delete("/api/targets/{target_id}")
     async def remove_target(request: Request, target_id: str):
         await run(request, lambda s: s.remove_target(target_id))
         return {"removed": target_id}
 
-    @app.get("/api/targets/{target_id}/thumb.jpg")
+    @router.get("/api/targets/{target_id}/thumb.jpg")
     async def target_thumb(request: Request, target_id: str):
-        return picture(await run(request, lambda s: s.target(target_id).thumb), "image/jpeg")
+        return _picture(await run(request, lambda s: s.target(target_id).thumb), "image/jpeg")
 
-    @app.post("/api/targets/{target_id}/segment")
+    @router.post("/api/targets/{target_id}/segment")
     async def segment_target(request: Request, target_id: str, body: Optional[SettingsBody] = None):
         settings = (body or SettingsBody()).settings()
         return await run(request, lambda s: s.segment_target(target_id, settings))
 
-    @app.get("/api/targets/{target_id}/overlay.jpg")
+    @router.get("/api/targets/{target_id}/overlay.jpg")
     async def target_overlay(request: Request, target_id: str):
-        return picture(await run(request, lambda s: s.target(target_id).overlay), "image/jpeg")
+        return _picture(await run(request, lambda s: s.target(target_id).overlay), "image/jpeg")
 
-    @app.get("/api/targets/{target_id}/full.jpg")
+    @router.get("/api/targets/{target_id}/full.jpg")
     async def target_full(request: Request, target_id: str):
-        return picture(await run(request, lambda s: s.full_overlay(target_id)), "image/jpeg")
+        return _picture(await run(request, lambda s: s.full_overlay(target_id)), "image/jpeg")
 
-    @app.get("/api/targets/{target_id}/similarity.png")
+    @router.get("/api/targets/{target_id}/similarity.png")
     async def target_similarity(request: Request, target_id: str):
-        return picture(await run(request, lambda s: s.similarity_png(target_id)), "image/png")
+        return _picture(await run(request, lambda s: s.similarity_png(target_id)), "image/png")
 
-    @app.post("/api/results.zip")
+    @router.post("/api/results.zip")
     async def results_zip(request: Request, body: Optional[SettingsBody] = None):
         settings = (body or SettingsBody()).settings()
         data = await run(request, lambda s: s.results_zip(settings))
         return Response(data, media_type="application/zip",
                         headers={"Content-Disposition": 'attachment; filename="persam-results.zip"'})
 
-    return app
+    return router
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,7 +367,7 @@ def open_socket(host: str, port: int) -> socket.socket:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise InputError(f"--host {host}: unknown address ({exc.strerror})") from None
+        raise SettingError(f"{{host}} {host}: unknown address ({exc.strerror})", "host") from None
     family, kind, proto, _, address = infos[0]
     sock = socket.socket(family, kind, proto)
     try:
@@ -348,8 +376,8 @@ def open_socket(host: str, port: int) -> socket.socket:
         sock.listen(128)  # connections wait from now on (the URL is printed before the server runs)
     except OSError as exc:
         sock.close()
-        raise InputError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); is another app there? "
-                         f"use another --port") from None
+        raise SettingError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); is another app there? "
+                           f"use another {{port}}", "port") from None
     sock.set_inheritable(True)
     return sock
 

@@ -24,7 +24,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from persam.app import results
+from persam.app import gfsam, results
 from persam.app.cache import SessionPredictor, pixels_key
 from persam.app.images import check_pixels, jpeg, mask_data_url, safe_name, shrink
 from persam.app.items import Reference, Target
@@ -278,8 +278,10 @@ class Session:
         from persam.method.finetune import FinetuneSettings
         from persam.method.pipeline import METHODS, learn_concept
 
-        if method not in METHODS:
-            raise InputError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
+        if method not in (*METHODS, gfsam.METHOD):
+            raise InputError(f"method must be one of {', '.join((*METHODS, gfsam.METHOD))}, not {method!r}")
+        if method == gfsam.METHOD:
+            self.app.dinov2.require()  # the reason the page shows beside the disabled choice
         if not isinstance(steps, int) or not 1 <= steps <= 100_000:
             raise InputError(f"PerSAM-F steps must be between 1 and 100000, not {steps!r}")
         refs = [r for r in self.references.values() if r.mask is not None]
@@ -290,10 +292,14 @@ class Session:
         start = time.perf_counter()
         learned = key != self.concept_key or self.concept is None
         if learned:
-            encoded = [tuple(self.predictor.embedding(r.key, self._load_reference(r)))[:2] for r in refs]
             pairs = [(self.read_image(r.path, r.name), r.mask) for r in refs]
-            settings = FinetuneSettings(steps=steps) if method == "persam_f" else None
-            self.concept = learn_concept(self.predictor, pairs, method=method, finetune=settings, encoded=encoded)
+            if method == gfsam.METHOD:  # DINOv2 features: SAM's embeddings are not needed
+                self.concept = gfsam.learn(self, pairs)
+            else:
+                encoded = [tuple(self.predictor.embedding(r.key, self._load_reference(r)))[:2] for r in refs]
+                settings = FinetuneSettings(steps=steps) if method == "persam_f" else None
+                self.concept = learn_concept(self.predictor, pairs, method=method, finetune=settings,
+                                             encoded=encoded)
             self.concept_key, self.concept_source = key, "references"
             self.concept_name = Path(refs[0].name).stem or "concept"
             if getattr(self.concept, "name", None) is None:
@@ -339,6 +345,8 @@ class Session:
             raise InputError(str(exc).replace(str(path), name)) from None
         finally:
             shutil.rmtree(path.parent, ignore_errors=True)
+        if concept.method == gfsam.METHOD:
+            gfsam.check_loaded(self, concept, name)
         self.concept, self.concept_source, self.concept_key = concept, name, None
         self.concept_name = Path(name).stem or "concept"
         return self.concept_info()

@@ -56,6 +56,11 @@ class AppConfig:
     session_idle_s: float = 600.0  # a session used more recently than this is never replaced by a new one
     allow_folders: bool = False  # read target images from a folder on the server
     work_dir: Optional[Path] = None  # uploads go below it (default: a new temporary folder)
+    # GF-SAM's DINOv2 (persam.app.gfsam), loaded when first used; without a checkpoint the page shows
+    # the method disabled, with `gfsam_unavailable` as the reason
+    dinov2_variant: Optional[str] = None
+    dinov2_checkpoint: Optional[Path] = None
+    gfsam_unavailable: str = "GF-SAM needs a DINOv2 checkpoint, which this app was not started with"
 
     def __post_init__(self) -> None:
         if self.max_sessions < 1 or self.max_embeddings < 1:

@@ -47,6 +47,7 @@ from typing import List, Optional
 from sam.predictor import SamPredictor
 
 from persam.app.cache import EmbeddingCache, SharedModel
+from persam.app.gfsam import AppDinov2
 from persam.app.session import Session
 from persam.app.settings import AppConfig, AppFull
 
@@ -60,6 +61,7 @@ class AppState:
     def __init__(self, predictor: SamPredictor, config: AppConfig) -> None:
         self.config = config
         self.model = SharedModel(predictor)
+        self.dinov2 = AppDinov2(config, predictor)  # GF-SAM's, loaded when first used
         self.embeddings = EmbeddingCache(config.max_embeddings)
         self._own_work_dir = config.work_dir is None
         self.work_dir = Path(config.work_dir) if config.work_dir else Path(tempfile.mkdtemp(prefix="persam-app-"))
@@ -134,7 +136,7 @@ class AppState:
                 "cached_embeddings": len(self.embeddings),
                 "max_embeddings": self.config.max_embeddings, "encodes": self.model.encodes,
                 "allow_folders": self.config.allow_folders, "max_megapixels": self.config.max_megapixels,
-                "max_upload_mb": self.config.max_upload_mb}
+                "max_upload_mb": self.config.max_upload_mb, "gfsam": self.dinov2.status()}
 
     def close(self) -> None:
         with self._lock:

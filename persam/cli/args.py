@@ -36,8 +36,8 @@ class Parser(argparse.ArgumentParser):
 
 def in_flags(exc: BaseException) -> str:
     """The message of `exc`, the settings a SettingError names (persam.errors) worded as their flags:
-    device -> --device."""
-    return exc.worded(lambda setting: f"--{setting}") if isinstance(exc, SettingError) else str(exc)
+    device -> --device, ref_mask -> --ref-mask."""
+    return exc.worded(lambda setting: "--" + setting.replace("_", "-")) if isinstance(exc, SettingError) else str(exc)
 
 
 def numbers(text: str, count: int, what: str) -> tuple:

@@ -110,6 +110,9 @@ def run_on_ray(args, folder, targets, predictor_factory: Callable, concept_facto
         device=device,
         precision=args.precision,
         backend=_worker_backend(args.backend, device, args.precision),
+        dinov2_variant=made_with.get("dinov2"),  # GF-SAM's feature model (persam.cli.gfsam_command)
+        dinov2_checkpoint=folder.options.info.get("dinov2_checkpoint"),
+        dinov2_sha256=made_with.get("dinov2_sha256"),
     )
     folder.claim(targets)  # lists the outputs (and reference_mask.png) before any is written
     concept = concept_factory(predictor_factory() if learns else None)

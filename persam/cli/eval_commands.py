@@ -1,8 +1,10 @@
-"""``persam eval``: benchmark runners on PerSeg and DAVIS 2017.
+"""``persam eval``: benchmark runners on PerSeg, DAVIS 2017, FSS-1000 and COCO-20i.
 
     persam eval perseg --data DIR --out DIR [--method persam|persam_f] [--model M --checkpoint P]
                        [--classes a,b] [--pred DIR] [--device D] [--precision P] [--backend B] [--overwrite]
     persam eval davis  --data DIR --out DIR [--sequences a,b] [--max-frames N] [--pred DIR] ...
+    persam eval fss    --data FSS-1000 --out DIR [--shots 1|5] [--split FILE] [--method persam|persam_f|gfsam] ...
+    persam eval coco20i --data COCO2014 --out DIR --fold 0..3 [--shots 1|5] ...
 
 `add_eval_parser(subparsers)` adds the ``eval`` subcommand to the ``persam`` parser; every
 leaf sets ``func`` to a ``cmd_*(args) -> int``. Expected failures raise InputError (persam's
@@ -27,6 +29,7 @@ from persam.runs.defaults import DEFAULT_BACKEND, DEFAULT_DEVICE, DEFAULT_MODEL,
 from persam.runs.models import DEVICES
 
 from eval.report import split_names
+from eval.run_fewshot import FEWSHOT_METHODS, OFFICIAL_SIZE
 
 
 def cmd_eval_perseg(args: argparse.Namespace) -> int:
@@ -39,17 +42,36 @@ def cmd_eval_perseg(args: argparse.Namespace) -> int:
     return 0
 
 
+def _davis_model(args: argparse.Namespace) -> str:
+    """--model, checked against --tracker (a SAM 2.1 model for sam2, SAM's for persam)."""
+    from sam.download import MODELS
+
+    family = MODELS[args.model].family if args.model in MODELS else None
+    if args.tracker == "sam2":
+        if args.model is not None and family != "sam2":
+            raise InputError(f"--tracker sam2 takes a SAM 2.1 --model (sam2.1_hiera_t|s|b+|l), not {args.model}")
+        if args.input_size is not None and args.input_size % 32:
+            raise InputError(f"--input-size {args.input_size}: SAM 2.1's input side must be a multiple of 32")
+        return args.model or "sam2.1_hiera_t"
+    if family == "sam2":
+        raise InputError(f"--model {args.model} is a SAM 2.1 model: use it with --tracker sam2")
+    if args.input_size is not None:
+        raise InputError("--input-size is for --tracker sam2")
+    return args.model or DEFAULT_MODEL
+
+
 def cmd_eval_davis(args: argparse.Namespace) -> int:
     from eval.datasets import SplitFileError
     from eval.run_davis import run_davis
 
+    model_type = _davis_model(args)
     try:
-        run_davis(args.data, args.out, method=args.method, model_type=args.model or DEFAULT_MODEL,
+        run_davis(args.data, args.out, method=args.method, model_type=model_type,
                   checkpoint=args.checkpoint, sequences=split_names(args.sequences), max_frames=args.max_frames,
                   pred=args.pred, device=args.device, precision=args.precision, year=args.year,
                   split=None if args.split == "all" else args.split, resolution=args.resolution,
                   use_previous_box=not args.no_previous_box, progress=not args.quiet, backend=args.backend,
-                  overwrite=args.overwrite)
+                  overwrite=args.overwrite, tracker=args.tracker, input_size=args.input_size)
     except SplitFileError as exc:  # the library names its argument; say it in flags here
         raise InputError(
             f"--split {exc.split} --year {exc.year}: DAVIS split file {exc.split_file} not found; "
@@ -58,11 +80,47 @@ def cmd_eval_davis(args: argparse.Namespace) -> int:
     return 0
 
 
-def _common(q: argparse.ArgumentParser) -> None:
+def _fewshot_settings(args: argparse.Namespace) -> dict:
+    return dict(method=args.method, model_type=args.model or DEFAULT_MODEL, checkpoint=args.checkpoint,
+                size=args.img_size, max_episodes=args.max_episodes, pred=args.pred, device=args.device,
+                precision=args.precision, backend=args.backend, dinov2=args.dinov2,
+                dinov2_checkpoint=args.dinov2_checkpoint, progress=not args.quiet, overwrite=args.overwrite)
+
+
+def cmd_eval_fss(args: argparse.Namespace) -> int:
+    from eval.run_fewshot import run_fss
+
+    run_fss(args.data, args.out, shots=args.shots, split=args.split, seed=args.seed, **_fewshot_settings(args))
+    return 0
+
+
+def cmd_eval_coco20i(args: argparse.Namespace) -> int:
+    from eval.run_fewshot import run_coco20i
+
+    run_coco20i(args.data, args.out, fold=args.fold, shots=args.shots, split=args.split, seed=args.seed,
+                **_fewshot_settings(args))
+    return 0
+
+
+def _fewshot_options(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--shots", type=_positive_int, default=1, metavar="K", help="support images per episode (default 1)")
+    q.add_argument("--seed", type=int, default=0, help="the episodes' seed (default 0, the official one)")
+    q.add_argument("--img-size", type=int, default=OFFICIAL_SIZE, metavar="S",
+                   help=f"images and masks are resized to S x S squares, as the official evaluation does "
+                        f"(default {OFFICIAL_SIZE}); 0 keeps their own size")
+    q.add_argument("--max-episodes", type=_positive_int, default=None, metavar="N",
+                   help="only the first N episodes (a quick check; the mean then runs over the classes they reach)")
+    q.add_argument("--dinov2", default=None, metavar="VARIANT",
+                   help="gfsam's DINOv2: vits14|vitb14|vitl14|vitg14 (default vitl14, the paper's)")
+    q.add_argument("--dinov2-checkpoint", metavar="PATH", default=None,
+                   help="gfsam's DINOv2 checkpoint (Meta's dinov2_<variant>_pretrain.pth)")
+
+
+def _common(q: argparse.ArgumentParser, methods: Sequence[str] = METHODS) -> None:
     q.add_argument("--data", metavar="DIR", required=True, help="dataset root")
     q.add_argument("--out", metavar="DIR", required=True,
                    help="output folder (pred/, scores.csv/json/png, eval.json: what persam wrote there and how)")
-    q.add_argument("--method", choices=METHODS, default="persam", help="default persam")
+    q.add_argument("--method", choices=methods, default="persam", help="default persam")
     q.add_argument("--model", default=None, metavar="MODEL",
                    help=f"SAM model type (default {DEFAULT_MODEL}; vit_h is the paper's)")
     q.add_argument("--checkpoint", metavar="PATH", default=None,
@@ -85,7 +143,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``eval`` (with ``perseg`` and ``davis``) to an argparse subparsers object; returns it."""
     p = subparsers.add_parser(
         "eval",
-        help="evaluate on PerSeg or DAVIS 2017",
+        help="evaluate on PerSeg, DAVIS 2017, FSS-1000 or COCO-20i",
         description="Run PerSAM / PerSAM-F on a benchmark (or score existing predictions with --pred) and "
         "write per-class / per-sequence tables to stdout, scores.csv, scores.json and scores.png.",
     )
@@ -119,7 +177,34 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     q.add_argument("--resolution", default="480p", help="default 480p")
     q.add_argument("--no-previous-box", action="store_true",
                    help="do not prompt with the previous frame's box and its centre")
+    q.add_argument("--tracker", choices=("persam", "sam2"), default="persam",
+                   help="persam (default): PerSAM's video method (--method); sam2: SAM 2.1 follows the first-frame "
+                        "masks (--model sam2.1_hiera_t|s|b+|l, default sam2.1_hiera_t), set up as Meta evaluates it")
+    q.add_argument("--input-size", type=_positive_int, default=None, metavar="S",
+                   help="sam2: the model's square input side, a multiple of 32 (default 1024)")
     q.set_defaults(func=cmd_eval_davis)
+
+    q = sub.add_parser("fss", help="FSS-1000 few-shot: mIoU and FB-IoU over 240 test classes",
+                       description="Segment each query of each test class from K supports drawn as the official "
+                       "HSNet / GF-SAM loader draws them, write OUT/pred/<class>/<N>.png (kept on re-runs with the "
+                       "same settings) and score mIoU / FB-IoU as the official evaluation does.")
+    _common(q, FEWSHOT_METHODS)
+    q.add_argument("--split", metavar="FILE", default=None,
+                   help="class list, one a line (default: the standard 240-class test split shipped with persam)")
+    _fewshot_options(q)
+    q.set_defaults(func=cmd_eval_fss)
+
+    q = sub.add_parser("coco20i", help="COCO-20i few-shot: mIoU and FB-IoU of one fold (1000 episodes)",
+                       description="The HSNet / Matcher / GF-SAM protocol: 1000 episodes of the fold's 20 classes, "
+                       "drawn with the official seed from COCO2014/val2014 and its class masks "
+                       "COCO2014/annotations/val2014/*.png; OUT/pred/fold<k>/<episode>_<image>.png, mIoU, FB-IoU.")
+    _common(q, FEWSHOT_METHODS)
+    q.add_argument("--fold", type=int, choices=range(4), required=True, metavar="0..3", help="the test fold")
+    q.add_argument("--split", metavar="FILE", default=None,
+                   help="images per class: persam's JSON or an official splits/val/fold<k>.pkl (read as plain data) "
+                        "(default: the official lists shipped with persam)")
+    _fewshot_options(q)
+    q.set_defaults(func=cmd_eval_coco20i)
     return p
 
 

@@ -18,8 +18,10 @@ from sam.precision import PRECISIONS
 from persam.cli.args import Parser, box, non_negative_int, point, positive_float, positive_int, similarity
 from persam.cli.engine import add_options as add_engine_options
 from persam.cli.references import ReferenceArgument
-from persam.runs.defaults import DEFAULT_BACKEND, DEFAULT_DEVICE, DEFAULT_MODEL, DEFAULT_PRECISION
+from persam.runs.defaults import DEFAULT_BACKEND, DEFAULT_DEVICE, DEFAULT_DINOV2, DEFAULT_MODEL, DEFAULT_PRECISION
 from persam.runs.models import DEVICES
+
+SAM2_MODELS = tuple(name for name, model in sorted(MODELS.items()) if model.family == "sam2")
 
 PROG = "persam"
 EXIT_CODES = """\
@@ -30,6 +32,22 @@ exit codes:
   130  interrupted (Ctrl-C); the outputs written so far are kept and a re-run resumes"""
 
 Command = Callable[[argparse.Namespace], int]
+METHOD_CHOICES = ("persam", "persam_f", "gfsam")
+DINOV2_CHOICES = ("vits14", "vitb14", "vitl14", "vitg14")  # sam.dinov2.DINOV2_VARIANTS, without loading torch
+
+
+def sam_models() -> list:
+    """The `--model` choices: SAM's entries of the download registry (not DINOv2's or SAM 2's)."""
+    return sorted(name for name, entry in MODELS.items() if entry.family == "sam")
+
+
+def _models_by_family() -> str:
+    """`persam download`'s models, named by family, for its help."""
+    families = {"sam": "SAM", "dinov2": "DINOv2 (GF-SAM's features)", "sam2": "SAM 2"}
+    groups = {family: [] for family in families}  # SAM's first
+    for name in sorted(MODELS):
+        groups.setdefault(MODELS[name].family, []).append(name)
+    return "; ".join(f"{families.get(family, family)}: {', '.join(names)}" for family, names in groups.items() if names)
 
 
 def _manual_download_help() -> str:
@@ -47,7 +65,7 @@ def _manual_download_help() -> str:
         entry = MODELS[name]
         lines.append(f"    {name:<{width}}  {cache / entry.filename}  from {entry.url}")
     lines.append("  `persam download MODEL` then checks it (sha256); or pass the file anywhere with")
-    lines.append("  --checkpoint FILE to segment / learn / apply / eval")
+    lines.append("  --checkpoint FILE (DINOv2's: --dinov2-checkpoint FILE) to segment / learn / apply / eval")
     return "\n".join(lines)
 
 
@@ -70,10 +88,11 @@ def _port(text: str) -> int:
     return value
 
 
-def add_model_options(q, model_default: str = f"default {DEFAULT_MODEL}") -> None:
-    """--model, --checkpoint, --device, --precision, --backend and --quiet (defaults: persam.runs.models)."""
-    q.add_argument("--model", choices=sorted(MODELS), default=None,
-                   help=f"SAM model: {', '.join(sorted(MODELS))} ({model_default})")
+def add_model_options(q, model_default: str = f"default {DEFAULT_MODEL}", more_models=()) -> None:
+    """--model, --checkpoint, --device, --precision, --backend and --quiet (defaults: persam.runs.models);
+    `more_models`: other --model choices than SAM's (`persam track --tracker sam2`'s)."""
+    q.add_argument("--model", choices=sam_models() + list(more_models), default=None,
+                   help=f"SAM model: {', '.join(sam_models())} ({model_default})")
     q.add_argument("--checkpoint", metavar="PATH", default=None,
                    help="checkpoint file (default: the cached download of --model; see `persam download`)")
     q.add_argument("--device", choices=DEVICES, default=DEFAULT_DEVICE, help=f"default {DEFAULT_DEVICE}")
@@ -111,6 +130,22 @@ def add_reference_options(q, several: bool) -> None:
                    help="what the object is called, kept in the concept (the category of --format coco); "
                         "default: the concept file's name (learn) or the reference image's (segment; its "
                         "folder's when the file name is a number, as cat/00.jpg: cat)")
+
+
+def add_gfsam_options(q, method: bool = True) -> None:
+    """--method (segment, learn) and GF-SAM's feature model: --dinov2, --dinov2-checkpoint, --max-points."""
+    g = q.add_argument_group("GF-SAM (--method gfsam: every instance of the reference's category)")
+    if method:
+        g.add_argument("--method", choices=METHOD_CHOICES, default=None,
+                       help="persam (default; persam_f with --finetune), persam_f, or gfsam: GF-SAM, DINOv2 "
+                            "matches that prompt SAM, finding every instance")
+    g.add_argument("--dinov2", choices=DINOV2_CHOICES, default=None,
+                   help=f"GF-SAM's DINOv2 (default {DEFAULT_DINOV2}, the model of GF-SAM's published numbers"
+                        + ("" if method else "; the concept's") + ")")
+    g.add_argument("--dinov2-checkpoint", metavar="PATH", default=None,
+                   help="its checkpoint (Meta's dinov2_<variant>_pretrain.pth; default: the cached download, "
+                        "see `persam download dinov2_vitl14`)")
+    g.add_argument("--max-points", type=positive_int, default=None, metavar="N", help=argparse.SUPPRESS)
 
 
 def add_run_options(q) -> None:
@@ -167,7 +202,7 @@ def _add_download(sub, command: Command) -> None:
         "model",
         metavar="MODEL",
         choices=sorted(MODELS) + ["all"],
-        help=f"one of {', '.join(sorted(MODELS))}, or all",
+        help=f"{_models_by_family()}; or all",
     )
     p.add_argument("--cache-dir", metavar="DIR", default=None, help="download folder")
     p.add_argument("--url", metavar="URL", default=None, help="download from this URL instead")
@@ -184,6 +219,7 @@ def _add_segment(sub, command: Command) -> None:
         "already done are skipped unless --overwrite.",
     )
     add_reference_options(p, several=True)
+    add_gfsam_options(p)
     add_run_options(p)
     add_model_options(p)
     p.set_defaults(func=command)
@@ -197,6 +233,7 @@ def _add_learn(sub, command: Command) -> None:
         "(records the model type and checkpoint sha256), for `persam apply`.",
     )
     add_reference_options(p, several=True)
+    add_gfsam_options(p)
     p.add_argument("--out", metavar="CONCEPT", required=True, help="concept file to write (e.g. concept.pt)")
     add_model_options(p)
     p.set_defaults(func=command)
@@ -211,6 +248,7 @@ def _add_apply(sub, command: Command) -> None:
     )
     p.add_argument("concept", metavar="CONCEPT", help="concept file from `persam learn`")
     add_run_options(p)
+    add_gfsam_options(p, method=False)
     add_model_options(p, model_default=f"default: the concept's; {DEFAULT_MODEL} for a concept that names none")
     p.set_defaults(func=command)
 
@@ -224,7 +262,9 @@ def _add_track(sub, command: Command) -> None:
         "mov, avi, mkv) or a folder of frames, following it with its box in the previous frame. Writes per "
         "processed frame a mask NNNNN.png (by frame index), overlay.mp4 and results.json into --out; an "
         "interrupted run resumes at the first missing frame. Exit code 1: the video could not be read to its end "
-        "(what was done is kept).",
+        "(what was done is kept). With --method gfsam (or a concept from `persam learn --method gfsam`) GF-SAM "
+        "segments each frame on its own, no box carried over from the frame before: the mask is the union of "
+        "every instance of the reference's category (one object; --ref-labels is refused).",
     )
     p.add_argument("video", metavar="VIDEO", help="a video file, or a folder of frames (sorted by name)")
     p.add_argument("--out", metavar="DIR", required=True, help="output folder")
@@ -261,8 +301,37 @@ def _add_track(sub, command: Command) -> None:
     p.add_argument("--format", choices=("png", "coco"), default="png",
                    help="png (default): the masks and results.json; coco: also OUT/coco.json, COCO instances of "
                         "the frames (RLE masks, boxes, areas, scores, track_id per object)")
-    add_model_options(p, model_default=f"default {DEFAULT_MODEL}; with --concept: the concept's")
+    _add_track_sam2_options(p)
+    add_gfsam_options(p)
+    add_model_options(p, model_default=f"default {DEFAULT_MODEL}; with --concept: the concept's; with --tracker "
+                                       f"sam2: one of {', '.join(SAM2_MODELS)}, default sam2.1_hiera_t",
+                     more_models=SAM2_MODELS)
     p.set_defaults(func=command)
+
+
+def _add_track_sam2_options(p) -> None:
+    """`persam track --tracker sam2` and its options (persam.runs.track_sam2)."""
+    from persam.runs.track_sam2 import DEFAULT_REDETECT_AFTER, DEFAULT_SAM2_MIN_SIMILARITY
+
+    g = p.add_argument_group("the tracker")
+    g.add_argument("--tracker", choices=("persam", "sam2"), default="persam",
+                   help="persam (default): PerSAM on every frame, prompted with the previous frame's box; sam2: SAM "
+                        "2.1 follows the object with its memory of the frames before (--model sam2.1_hiera_*), the "
+                        "concept finds it where it has no mask and finds it again when SAM 2 lost it")
+    g.add_argument("--redetect-after", type=non_negative_int, default=None, metavar="K",
+                   help=f"sam2: after K processed frames without the object the concept looks for it again on each "
+                        f"frame and SAM 2 restarts where it is found (default {DEFAULT_REDETECT_AFTER}; 0: never); "
+                        f"the concept finds it where its peak similarity is at least --min-similarity (default "
+                        f"{DEFAULT_SAM2_MIN_SIMILARITY} with sam2)")
+    g.add_argument("--fill-holes", type=non_negative_int, default=None, metavar="N",
+                   help="sam2: fill holes of at most N low-resolution pixels in the masks, as Meta's predictor on a "
+                        "GPU (default 8; 0: off)")
+    g.add_argument("--sam-checkpoint", metavar="PATH", default=None,
+                   help="sam2: the SAM checkpoint the concept uses (the concept's model, or vit_t to learn one from "
+                        "the reference; default: its cached download)")
+    g.add_argument("--input-size", type=positive_int, default=None, metavar="S",
+                   help="sam2: the model's square input side, a multiple of 32 (default 1024, as SAM 2.1 was trained; "
+                        "smaller is faster and coarser)")
 
 
 def _add_app(sub, command: Command) -> None:
@@ -274,6 +343,7 @@ def _add_app(sub, command: Command) -> None:
         "Needs `pip install -e \".[app]\"`. Every browser gets its own session; one model serves them all.",
     )
     add_model_options(p)
+    add_gfsam_options(p, method=False)
     p.add_argument("--host", default="127.0.0.1",
                    help="address or name to listen on (default 127.0.0.1: this machine only, served as 127.0.0.1, "
                         "localhost and [::1]); the page answers only to this name (and a loopback address's names)")

@@ -163,3 +163,36 @@ def sam_mask_files(refs: Sequence[Reference], folder: Path, prefix: str = "") ->
     stem = Path(REFERENCE_MASK_FILE).stem
     return [None if r.mask is not None else folder / f"{prefix}{stem}_{k}.png" for k, r in enumerate(refs, start=1)]
 
+
+def reference_pairs(predictor, refs: Sequence[Reference], mask_files: Sequence[Optional[Path]],
+                    encode_each: bool = True) -> Tuple[list, list]:
+    """(the (image, mask) pair of each reference, the (embedding, original size) of each encoded
+    reference).  The mask of a reference given by clicks or a box is made by SAM and saved to its
+    `mask_files` entry (see :func:`sam_mask_files`); `encode_each`: encode every reference (PerSAM
+    learns from the embeddings), else only those SAM makes a mask for (and nothing is returned
+    for them)."""
+    import sys
+
+    from persam.data.io import atomic_save_png
+    from persam.method.target import reference_mask_from_prompts
+
+    pairs, encoded = [], []
+    for ref, mask_out in zip(refs, mask_files):
+        mask = ref.mask
+        if encode_each or mask is None:
+            predictor.set_image(ref.image)  # each reference encoded once
+            if encode_each:
+                encoded.append((predictor.features, predictor.original_size))
+        if mask is None:
+            prompt = ref.prompt
+            mask = reference_mask_from_prompts(predictor, points=prompt.points, box=prompt.box)
+            if mask is None:
+                raise InputError(
+                    f"reference image {ref.path}: SAM found no object at the given "
+                    f"{'box' if prompt.box is not None else 'points'}; give --ref-mask instead"
+                )
+            atomic_save_png(mask_out, mask)
+            print(f"reference mask made by SAM: {mask_out}", file=sys.stderr)
+        pairs.append((ref.image, mask))
+    return pairs, encoded
+

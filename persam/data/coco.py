@@ -29,7 +29,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from persam.errors import InputError
+from persam.errors import SettingError
 from persam.data.io import atomic_write_text
 
 __all__ = ["COCO_FILE", "CocoImage", "coco_dataset", "encode_rle", "reference_category", "require_pycocotools",
@@ -56,8 +56,8 @@ def require_pycocotools():
     try:
         from pycocotools import mask as mask_utils
     except ImportError as exc:
-        raise InputError(f"--format coco needs pycocotools, which is not installed ({exc}); install it with "
-                         f"{INSTALL_HINT} (or pip install pycocotools)") from None
+        raise SettingError(f"{{format}} coco needs pycocotools, which is not installed ({exc}); install it with "
+                           f"{INSTALL_HINT} (or pip install pycocotools)", "format") from None
     return mask_utils
 
 

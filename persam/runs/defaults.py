@@ -8,3 +8,4 @@ DEFAULT_DEVICE = "cpu"
 DEFAULT_PRECISION = "fp32"  # one of sam.precision.PRECISIONS
 DEFAULT_BACKEND = "auto"  # one of sam.backends.BACKEND_CHOICES
 DEFAULT_BATCH_SIZE = 4  # `persam segment / apply --batch-size`: target images encoded together
+DEFAULT_DINOV2 = "vitl14"  # GF-SAM's DINOv2: ViT-L/14, the model of its published numbers (main_eval.py)

@@ -46,7 +46,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from tqdm import tqdm
 
-from persam.errors import InputError
+from persam.errors import InputError, SettingError
 from persam.runs.folder import OutputFolder
 from persam.runs.defaults import DEFAULT_BATCH_SIZE, DEFAULT_PRECISION
 from persam.runs.records import ImageResult, RunOptions, Target
@@ -97,6 +97,10 @@ class WorkerModel:
     device: str = "cpu"
     precision: str = DEFAULT_PRECISION
     backend: str = "auto"
+    # GF-SAM's DINOv2 (persam.runs.gfsam_run): built beside SAM on every worker, its sha256 checked
+    dinov2_variant: Optional[str] = None
+    dinov2_checkpoint: Optional[str] = None
+    dinov2_sha256: Optional[str] = None
 
 
 def require_ray():
@@ -105,13 +109,29 @@ def require_ray():
         import ray
         import ray.data  # noqa: F401
     except ImportError as exc:
-        raise InputError(f"--engine ray needs Ray Data, which is not installed ({exc}); install it with "
-                         f"{INSTALL_HINT} (or pip install 'ray[data]' pyarrow)") from None
+        raise SettingError(f"{{engine}} ray needs Ray Data, which is not installed ({exc}); install it with "
+                           f"{INSTALL_HINT} (or pip install 'ray[data]' pyarrow)", "engine") from None
     return ray
 
 
 # --------------------------------------------------------------------------------------------
 # the workers
+
+
+def _check_sha256(checkpoint: str, sha256: Optional[str], name: str) -> None:
+    """InputError when a worker's copy of a checkpoint is missing or not the driver's (sha256)."""
+    if not sha256:
+        return
+    from persam.runs.key import file_sha256
+
+    try:
+        found = file_sha256(checkpoint)
+    except OSError as exc:
+        raise InputError(f"worker: checkpoint {checkpoint} cannot be read here ({exc}); every node needs it at "
+                         f"that path (`persam download {name}` on each, or a shared file system)") from None
+    if found != sha256:
+        raise InputError(f"worker: checkpoint {checkpoint} here is not the driver's "
+                         f"(sha256 {found[:12]}, expected {sha256[:12]})")
 
 
 def _target(name: str, path: str) -> Target:
@@ -151,20 +171,16 @@ class Segmenter:
         reuse_freed_memory()  # the worker process is the engine's own, as the persam command's is
         if model.device == "cpu":
             torch.set_num_threads(max(1, int(cpus)))
-        if model.checkpoint_sha256:
-            from persam.runs.key import file_sha256
-
-            try:
-                found = file_sha256(model.checkpoint)
-            except OSError as exc:
-                raise InputError(f"worker: checkpoint {model.checkpoint} cannot be read here ({exc}); every node "
-                                 f"needs it at that path (`persam download {model.model_type}` on each, or a "
-                                 f"shared file system)") from None
-            if found != model.checkpoint_sha256:
-                raise InputError(f"worker: checkpoint {model.checkpoint} here is not the driver's "
-                                 f"(sha256 {found[:12]}, expected {model.checkpoint_sha256[:12]})")
+        _check_sha256(model.checkpoint, model.checkpoint_sha256, model.model_type)
         self.predictor = build_predictor(model.model_type, model.checkpoint, model.device, model.precision,
                                          model.backend, log=None)  # the driver gives any hint once
+        if model.dinov2_checkpoint:  # GF-SAM: the task arrives without its DINOv2 (GFSAMTask.__getstate__)
+            from persam.runs.models import build_dinov2_features
+
+            _check_sha256(model.dinov2_checkpoint, model.dinov2_sha256, f"dinov2_{model.dinov2_variant}")
+            concept = concept.with_dinov2(build_dinov2_features(model.dinov2_variant, model.dinov2_checkpoint,
+                                                                model.device, model.precision, model.backend,
+                                                                log=None))
         self.concept = concept
         self.options = options
 
@@ -346,8 +362,7 @@ def _check_room(ray, ray_options: RayOptions, log: Callable[[str], None]) -> Non
     if ray_options.cpus_per_worker > cpus or ray_options.gpus_per_worker > gpus:
         log(f"persam: warning: a worker asks for {ray_options.cpus_per_worker:g} CPU and "
             f"{ray_options.gpus_per_worker:g} GPU, but the Ray cluster has {cpus:g} CPU and {gpus:g} GPU now: "
-            f"the run waits until a node with room joins (lower --cpus-per-worker / --gpus-per-worker, or "
-            f"Ctrl-C)")
+            f"the run waits until a node with room joins (ask for fewer CPUs / GPUs per worker, or Ctrl-C)")
 
 
 def _run_pipeline(ray, folder: OutputFolder, targets: Sequence[Target], concept, model: WorkerModel,

@@ -8,7 +8,8 @@ Into the output folder go, for every target image, each written atomically:
     results.json            one record per image, rewritten after every image
 
 The output folder is shared with the user and with later runs; :class:`OutputFolder` keeps
-four promises about it:
+four promises about it (the lock and the listing of files are :class:`persam.runs.owned.OwnedFolder`'s,
+shared with ``track``, ``eval`` and the page):
 
 * **Nothing of the user's is replaced.**  results.json lists (``files``) every file persam
   wrote into the folder.  A file the run would write that exists but is not listed is
@@ -23,7 +24,7 @@ four promises about it:
   path with the same size and modification time, ``image_stat``); an image done with another
   key is refused unless ``overwrite`` (which redoes it).  Records of images outside the run
   that were made with other settings are kept and named in the header (``other_keys``).
-* **One run at a time.**  The folder is locked for the whole run (:func:`output_lock`).
+* **One run at a time.**  The folder is locked for the whole run.
 * **Outputs never collide.**  Output names are chosen so that no two outputs of the run are
   the same file, and none is results.json or reference_mask.png (:func:`plan_targets`).
 
@@ -41,15 +42,14 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from tqdm import tqdm
 
 from persam.errors import InputError, SettingError
-from persam.data.io import atomic_write_text
-from persam.runs.key import (UNRECORDED_KEY, as_image_path, differences, image_sha256, mask_settings, settings_key,
-                             strict_json)
-from persam.runs.lock import LOCK_FILE, output_lock
+from persam.runs.key import UNRECORDED_KEY, as_image_path, differences, image_sha256, mask_settings, settings_key
+from persam.runs.lock import LOCK_FILE
+from persam.runs.owned import OwnedFolder
 from persam.runs.records import (REFERENCE_IMAGE, REFERENCE_MASK_FILE, RESULTS_FILE, RESULTS_FORMAT, RESULTS_VERSION,
                                  ImageResult, RunOptions, Target, output_files, write_result)
 
@@ -164,7 +164,7 @@ def _results_data(path: Path) -> Optional[dict]:
 # the output folder
 
 
-class OutputFolder:
+class OutputFolder(OwnedFolder):
     """The output folder of a run: what earlier runs left there, what may be written, results.json.
 
         with OutputFolder(out_dir, options) as folder:  # locks the folder (InputError when taken)
@@ -173,39 +173,26 @@ class OutputFolder:
             ...                                          # (the caller's extra_outputs)
             data = run_folder(folder, predictor, concept, targets)  # persam.runs.local
 
-    Without ``with`` nothing is locked (planning only)."""
+    Without ``with`` nothing is locked (planning only).  The lock and the files' listing are
+    :class:`persam.runs.owned.OwnedFolder`'s."""
 
     def __init__(self, out_dir, options: Optional[RunOptions] = None,
                  log: Optional[Callable[[str], None]] = None) -> None:
-        self.out_dir = Path(out_dir)
+        super().__init__(out_dir, RESULTS_FILE)
         self.options = options or RunOptions()
         self.log = log or (lambda line: tqdm.write(line, file=sys.stderr))
         self.made_with = mask_settings(self.options)
         self.key = settings_key(self.made_with)
         self.method = self.made_with.get("method")  # for the header; else the concept's (run_folder)
-        self.earlier = _read_earlier(self.out_dir)
-        self.files: Set[str] = set(self.earlier.files)  # files persam wrote or is about to write here
         self.records: Dict[str, dict] = {}  # this run's records, by name
         self.targets: List[Target] = []
-        self._lock = None
+        self.read()
+
+    def read(self) -> None:
+        """What results.json says (again once the folder is locked: no other run can change it then)."""
+        self.earlier = _read_earlier(self.out_dir)
+        self.files = set(self.earlier.files)  # files persam wrote or is about to write here
         self._by_folded_name: Optional[Dict[str, List[dict]]] = None
-
-    def __enter__(self) -> "OutputFolder":
-        self._lock = output_lock(self.out_dir)
-        self._lock.__enter__()
-        try:
-            self.earlier = _read_earlier(self.out_dir)  # again, now that no other run can change it
-        except BaseException:
-            self.__exit__(*sys.exc_info())  # `with` does not call __exit__ when __enter__ fails
-            raise
-        self.files = set(self.earlier.files)
-        self._by_folded_name = None
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        lock, self._lock = self._lock, None
-        if lock is not None:
-            lock.__exit__(*exc_info)
 
     # planning
 
@@ -235,7 +222,7 @@ class OutputFolder:
             else:
                 t.done = self._done(t)
         self._refuse_other_settings(targets)
-        self._refuse_foreign_files(self._files_to_write(targets))
+        self.refuse_foreign(self._files_to_write(targets))
         self.targets = targets
         self.records = {t.name: self._skip_record(t) for t in targets if not t.pending}
         self._note_other_settings()
@@ -306,14 +293,6 @@ class OutputFolder:
         files = [f for t in pending for f in output_files(t.name, self.options).values()]
         return files + list(self.options.extra_outputs if pending else ()) + [RESULTS_FILE]
 
-    def _refuse_foreign_files(self, files: Iterable[str]) -> None:
-        """InputError naming the first of `files` that exists in the folder but is not persam's."""
-        for name in files:
-            path = self.out_dir / name
-            if os.path.lexists(path) and name not in self.files:
-                raise SettingError(f"{path} was not written by persam (results.json there does not list it); "
-                                   f"refusing to replace it: use another {{out}}, or move the file away", "out")
-
     def _note_other_settings(self) -> None:
         """Say so when results.json keeps records of other images made with other settings."""
         names = {t.name for t in self.targets}
@@ -338,10 +317,7 @@ class OutputFolder:
         A run killed between writing a file and recording its image thus leaves no file that
         results.json does not list: the next run may replace it, and no file of the user's is
         ever taken for persam's.  The files are checked again first (cheap)."""
-        to_write = self._files_to_write(targets)
-        self._refuse_foreign_files(to_write)
-        self.files.update(to_write)
-        return self._save()
+        return self.list_files(self._files_to_write(targets))
 
     def add_result(self, target: Target, result: ImageResult) -> None:
         """Write one target's outputs (made by an engine: persam.runs.local, or a worker of the Ray
@@ -354,7 +330,7 @@ class OutputFolder:
 
     def save(self) -> dict:
         """Write results.json now (see :meth:`add_result`); the results dictionary as written."""
-        return self._save()
+        return self.write_record()
 
     def run_counts(self) -> Dict[str, int]:
         """What this run did (results.json's summary counts every record the file keeps, also the
@@ -375,13 +351,10 @@ class OutputFolder:
     def claim_files(self, names: Sequence[str]) -> dict:
         """List more files (written by the caller: coco.json) in results.json before they are
         written; InputError when one exists and is not persam's."""
-        self._refuse_foreign_files(names)
-        self.files.update(names)
-        return self._save()
+        return self.list_files(names)
 
-    def _save(self) -> dict:
-        """Write results.json: this run's records in target order, then the earlier records of
-        other images; strict JSON (no NaN / Infinity)."""
+    def record(self) -> dict:
+        """results.json: this run's records in target order, then the earlier records of other images."""
         names = {t.name for t in self.targets}
         ordered = [self.records[t.name] for t in self.targets if t.name in self.records]
         ordered += [r for n, r in self.earlier.records.items() if n not in names and n not in self.records]
@@ -398,10 +371,7 @@ class OutputFolder:
                 **self.options.info, "multi": self.options.multi, "key": self.key, "made_with": self.made_with}
         if other_keys:
             data["other_keys"] = {k: self.earlier.made_with.get(k) for k in other_keys}
-        self.files.add(RESULTS_FILE)
-        data.update(files=sorted(self.files), summary=summary, images=ordered)
-        data = strict_json(data)
-        atomic_write_text(self.out_dir / RESULTS_FILE, json.dumps(data, indent=2, allow_nan=False) + "\n")
+        data.update(files=None, summary=summary, images=ordered)
         return data
 
 

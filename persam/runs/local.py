@@ -185,7 +185,8 @@ def segment_targets(predictor, concept: Concept, targets: Sequence[Target], opti
     """Load, encode and segment targets together (:func:`segment_loaded_images`): each one's
     record (status ok, or error when it cannot be loaded) and output files, in order.  `data`:
     the files' bytes, already read (None each: read here; a record's ``load_s`` is then the
-    decoding alone).  Nothing is written."""
+    decoding alone).  Nothing is written.  A GF-SAM run's `concept` is a
+    persam.runs.gfsam_run.GFSAMTask (its method encodes each photo itself)."""
     results: List[Optional[ImageResult]] = []
     loaded = []  # (position, target, image, seconds to load it)
     for i, (target, content) in enumerate(zip(targets, data if data is not None else [None] * len(targets))):
@@ -194,7 +195,18 @@ def segment_targets(predictor, concept: Concept, targets: Sequence[Target], opti
         results.append(failed)
         if failed is None:
             loaded.append((i, target, image, time.perf_counter() - start))
-    if loaded:
+    if loaded and getattr(concept, "method", None) == "gfsam":  # a persam.runs.gfsam_run.GFSAMTask
+        from persam.runs.gfsam_run import segment_gfsam_targets
+
+        def encode_outputs(image, segs, found, files):
+            return _encode_outputs(predictor, concept, options, image, segs, found, files)
+
+        segmented = segment_gfsam_targets(predictor, concept, [t for _, t, _, _ in loaded],
+                                          [image for _, _, image, _ in loaded], options,
+                                          [{"load_s": load_s} for _, _, _, load_s in loaded], encode_outputs)
+        for (i, _, _, _), result in zip(loaded, segmented):
+            results[i] = result
+    elif loaded:
         images = [image for _, _, image, _ in loaded]
         embeddings, encode_s, encode_shared = encode_loaded(predictor, images)
         timings = [{"load_s": load_s, "encode_s": seconds} for (_, _, _, load_s), seconds in zip(loaded, encode_s)]

@@ -19,7 +19,7 @@ from typing import Callable, Optional, Union
 from sam.download import MODELS
 
 from persam.errors import InputError, SettingError
-from persam.runs.defaults import DEFAULT_BACKEND, DEFAULT_DEVICE, DEFAULT_MODEL, DEFAULT_PRECISION
+from persam.runs.defaults import DEFAULT_BACKEND, DEFAULT_DEVICE, DEFAULT_DINOV2, DEFAULT_MODEL, DEFAULT_PRECISION
 
 DEVICES = ("cpu", "cuda", "mps")
 
@@ -37,6 +37,16 @@ class ModelSpec:
     device: str = DEFAULT_DEVICE
     precision: str = DEFAULT_PRECISION
     backend: str = DEFAULT_BACKEND
+
+
+@dataclass(frozen=True)
+class Dinov2Spec:
+    """GF-SAM's feature model: the DINOv2 variant (sam.dinov2.DINOV2_VARIANTS) and its checkpoint
+    (None: the cached download of ``dinov2_<variant>``); device, precision and backend are the
+    ModelSpec's."""
+
+    variant: str = DEFAULT_DINOV2
+    checkpoint: Optional[Union[str, Path]] = None
 
 
 def _stderr(message: str) -> None:
@@ -120,3 +130,77 @@ def build_predictor(model_type: str, checkpoint: Path, device: str, precision: s
 
         sha256 = file_sha256(checkpoint)
     return SamPredictor(model, precision=precision, backend=backend, checkpoint_sha256=sha256)
+
+
+# --------------------------------------------------------------------------------------------
+# DINOv2, GF-SAM's feature model (persam.method.gfsam)
+
+
+def resolve_dinov2_checkpoint(variant: Optional[str], checkpoint: Optional[Union[str, Path]],
+                              log: Optional[Log] = _stderr) -> Path:
+    """The DINOv2 checkpoint file of `variant` (None: DEFAULT_DINOV2): `checkpoint` when given, else
+    the cached download of ``dinov2_<variant>``; never downloads.  SettingError (naming the dinov2 /
+    dinov2_checkpoint settings) for an unknown variant or a missing file."""
+    from sam.dinov2 import DINOV2_VARIANTS
+
+    variant = variant or DEFAULT_DINOV2
+    if variant not in DINOV2_VARIANTS:
+        raise SettingError(f"{{dinov2}} {variant}: one of {', '.join(DINOV2_VARIANTS)}", "dinov2")
+    if checkpoint:
+        path = Path(checkpoint).expanduser()
+        if not path.is_file():
+            raise SettingError(f"{{dinov2_checkpoint}} {path}: file not found", "dinov2_checkpoint")
+        return path
+    name = f"dinov2_{variant}"
+    if name not in MODELS:
+        raise SettingError(f"GF-SAM needs a DINOv2 checkpoint: pass {{dinov2_checkpoint}} (Meta's "
+                           f"{name}_pretrain.pth)", "dinov2_checkpoint")
+    try:
+        return resolve_checkpoint(name, None, log)
+    except SettingError:  # its message names SAM's checkpoint setting
+        raise SettingError(f"no DINOv2 checkpoint for {variant} (GF-SAM's feature model): run `persam download "
+                           f"{name}` or pass {{dinov2_checkpoint}} PATH", "dinov2_checkpoint") from None
+
+
+class Dinov2OnBackend:
+    """A loaded DINOv2 whose ``patch_features`` run on another encoder backend
+    (sam.dinov2_backends.make_dinov2_encoder): what persam.method.gfsam calls of a DINOv2 module
+    (``patch_features``, ``parameters``, ``state_dict``), the features computed by the backend."""
+
+    def __init__(self, model, features) -> None:
+        self.model = model
+        self.features = features
+
+    def patch_features(self, pixels):
+        return self.features(pixels)
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def state_dict(self, *args, **kwargs):
+        return self.model.state_dict(*args, **kwargs)
+
+
+def build_dinov2_features(variant: str, checkpoint: Path, device: str = DEFAULT_DEVICE,
+                          precision: str = DEFAULT_PRECISION, backend: str = DEFAULT_BACKEND,
+                          log: Optional[Log] = _stderr):
+    """DINOv2 `variant` with the weights of `checkpoint` on `device`, its patch features run by
+    `backend` (the SAM encoder's choices; a compiled one is cached under the checkpoint's sha256).
+    On torch in fp32 the model itself; else a :class:`Dinov2OnBackend`.  CheckpointError (a
+    ValueError) with one line for a file that does not fit."""
+    from sam.backends import BackendUnavailable, resolve_backend
+    from sam.dinov2 import load_dinov2
+
+    try:
+        resolved = resolve_backend(backend, device, precision)
+    except (BackendUnavailable, ValueError) as exc:
+        raise SettingError(f"{{backend}} {backend}: {exc}", "backend") from None
+    model = load_dinov2(variant, checkpoint).to(device)
+    if resolved == "torch" and precision == "fp32":
+        return model
+    from sam.dinov2_backends import make_dinov2_encoder
+
+    from persam.runs.key import file_sha256
+
+    features = make_dinov2_encoder(model, resolved, precision, sha256=file_sha256(checkpoint), log=log)
+    return Dinov2OnBackend(model, features)

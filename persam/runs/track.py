@@ -10,7 +10,9 @@ the reference read by persam.runs.track_reference; the arguments are persam.cli.
 
 VIDEO is a video file (what OpenCV reads: mp4, mov, avi, mkv, ...) or a folder of frames (its
 images sorted by name, numbers in names compared as numbers).  The per-frame work is
-:class:`persam.method.video.VideoTracker`'s, the loop of the DAVIS runner: every frame encoded once,
+:class:`persam.method.video.VideoTracker`'s (SAM 2.1's with ``frame_loop``: persam.runs.track_sam2;
+GF-SAM's on each frame on its own: persam.runs.track_gfsam),
+the loop of the DAVIS runner: every frame encoded once,
 all objects decoded together, merged by the highest logit, each prompted with its box in the
 previous processed frame.  The reference frame (``--ref-frame``, default 0) is encoded once
 for learning; its output is the reference mask itself.  With ``--every K`` frames START,
@@ -44,31 +46,28 @@ keeps what was done, says at which frame it stopped (results.json ``stopped``) a
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from tqdm import tqdm
 
 from persam.data.frames import FrameSource, FrameStop
-from persam.errors import InputError
+from persam.errors import InputError, SettingError
 from persam.data.io import atomic_save_png, atomic_write_text, load_label_map
 from persam.data.video_writer import (OVERLAY_FILE, OVERLAY_FILES, PLAYABLE_CODECS, OverlayWriter, overlay_file_name,
                                       overlay_frame, partial_overlay_name)
-from persam.runs.key import differences, settings_key, strict_json
-from persam.runs.lock import LOCK_FILE, output_lock
-from persam.runs.records import RESULTS_FILE
+from persam.runs.lock import output_lock
+from persam.runs.records import REFERENCE_MASK_FILE, RESULTS_FILE
+from persam.runs.track_folder import TRACK_FORMAT, TrackFolder
 from persam.runs.track_reference import Reference
 
-__all__ = ["TrackOptions", "run_track", "source_fingerprint", "write_track_coco", "TRACK_FORMAT"]
+__all__ = ["TrackOptions", "run_track", "source_fingerprint", "write_track_coco", "TRACK_FORMAT",
+           "reference_mask_by_sam"]
 
-TRACK_FORMAT = "persam-track"
-TRACK_VERSION = 1
-REFERENCE_MASK_FILE = "reference_mask.png"
 BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}]"  # frames/s, even < 1
 SAVE_EVERY_S = 1.0  # results.json is rewritten at most this often while frames are done (and at the end)
 
@@ -112,28 +111,6 @@ def _mask_name(index: int, count: int) -> str:
     return f"{index:0{max(5, len(str(max(count - 1, 0))))}d}.png"
 
 
-def _read_earlier(out_dir: Path) -> Optional[dict]:
-    """The folder's results.json when it is a `persam track` one; None when there is none;
-    InputError when it is something else."""
-    path = out_dir / RESULTS_FILE
-    if not os.path.lexists(path):
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        data = None
-    if isinstance(data, dict) and data.get("format") == TRACK_FORMAT and isinstance(data.get("frames"), list):
-        version = data.get("version")
-        if not isinstance(version, int) or version > TRACK_VERSION:
-            raise InputError(f"{path} was written by a newer persam (track results version {version!r}); "
-                             f"upgrade persam or use another --out")
-        return data
-    if isinstance(data, dict) and isinstance(data.get("images"), list):
-        raise InputError(f"{path} holds the results of `persam segment` / `apply`, not of `persam track`; "
-                         f"use another --out")
-    raise InputError(f"{path} is not a persam results file; refusing to replace it: move it away or use another --out")
-
-
 def _record(index: int, name: str, result, ids: Sequence[int]) -> dict:
     objects = []
     for i in ids:
@@ -150,84 +127,6 @@ def _record(index: int, name: str, result, ids: Sequence[int]) -> dict:
             "encode_s": round(float(result.encode_s), 4), "time_s": round(float(result.encode_s + result.segment_s), 4)}
 
 
-class _TrackFolder:
-    """results.json of a track run: ownership of files, the key, the records (see the module doc)."""
-
-    def __init__(self, out_dir: Path, made_with: dict, header: dict, overwrite: bool,
-                 log: Callable[[str], None]) -> None:
-        self.out_dir = out_dir
-        self.made_with = strict_json(made_with)
-        self.key = settings_key(self.made_with)
-        self.header = header
-        self.log = log
-        earlier = _read_earlier(out_dir)
-        self.files = {RESULTS_FILE}
-        self.records: Dict[int, dict] = {}
-        self.stopped: Optional[dict] = None
-        self.overlay: Optional[dict] = None
-        if earlier is None:
-            return
-        self.files |= {f for f in earlier.get("files") or [] if isinstance(f, str) and "/" not in f
-                       and os.path.lexists(out_dir / f)}
-        same = earlier.get("key") == self.key
-        records = [r for r in earlier["frames"] if isinstance(r, dict) and isinstance(r.get("index"), int)]
-        if not same and records and not overwrite:
-            why = differences(str(earlier.get("key")), earlier.get("made_with"), self.made_with)
-            raise InputError(f"{out_dir} holds `persam track` results made with other settings ({why}); use "
-                             f"--overwrite to redo them, or another --out")
-        if same and not overwrite:
-            self.records = {r["index"]: r for r in records
-                            if isinstance(r.get("mask"), str) and r["mask"] in self.files
-                            and (out_dir / r["mask"]).is_file()}
-            self.stopped = earlier.get("stopped") if isinstance(earlier.get("stopped"), dict) else None
-            overlay = earlier.get("overlay")
-            if isinstance(overlay, dict) and (overlay.get("frames") == [] or (
-                    overlay.get("file") in OVERLAY_FILES and overlay["file"] in self.files
-                    and (out_dir / overlay["file"]).is_file())):
-                self.overlay = overlay
-
-    def refuse_foreign(self, names: Sequence[str]) -> None:
-        for name in names:
-            path = self.out_dir / name
-            if os.path.lexists(path) and name not in self.files:
-                raise InputError(f"{path} was not written by persam (results.json there does not list it); refusing "
-                                 f"to replace it: use another --out, or move the file away")
-
-    def claim(self, names: Sequence[str]) -> None:
-        """List `names` in results.json before any of them is written (written now when new)."""
-        new = [n for n in names if n not in self.files]
-        if new:
-            self.refuse_foreign(new)
-            self.files.update(new)
-            self.save()
-
-    def remove_stale(self, keep: Sequence[str]) -> None:
-        """--overwrite: remove the files of earlier runs that this run does not write (ours only)."""
-        keep = set(keep) | {RESULTS_FILE, LOCK_FILE}
-        for name in sorted(self.files - keep):
-            path = self.out_dir / name
-            if path.is_file() and not path.is_symlink():
-                path.unlink()
-            self.files.discard(name)
-
-    def save(self, summary: Optional[dict] = None) -> dict:
-        records = [self.records[i] for i in sorted(self.records)]
-        ids = self.header.get("objects") or []
-        found = {str(i): sum(any(o["id"] == i and o["found"] for o in r["objects"]) for r in records) for i in ids}
-        times = [r["time_s"] for r in records if not r.get("reference")]
-        data = {"format": TRACK_FORMAT, "version": TRACK_VERSION, **self.header, "key": self.key,
-                "made_with": self.made_with, "files": sorted(self.files), "overlay": self.overlay,
-                "stopped": self.stopped,
-                "summary": {"frames": len(records), "found": found,
-                            "not_found": {k: len(records) - v for k, v in found.items()},
-                            "mean_time_s": round(sum(times) / len(times), 4) if times else None,
-                            **(summary or {})},
-                "frames": records}
-        data = strict_json(data)
-        atomic_write_text(self.out_dir / RESULTS_FILE, json.dumps(data, indent=2, allow_nan=False) + "\n")
-        return data
-
-
 # --------------------------------------------------------------------------------------------
 # the run
 
@@ -242,18 +141,9 @@ def _make_tracker(predictor, reference: Reference, options: TrackOptions, out_di
         return VideoTracker(predictor, {1: reference.concept}, **tracker_options), None
     encoded = None
     masks = reference.masks
-    if masks is None:  # SAM makes the mask of object 1 from the clicks / the box
-        from persam.method.target import reference_mask_from_prompts
-
-        encoded = (predictor.set_image(reference.image), predictor.original_size)
-        mask = reference_mask_from_prompts(predictor, points=reference.points, box=reference.box)
-        if mask is None:
-            where = f"frame {reference.frame}" if reference.kind == "frame" else "the reference image"
-            raise InputError(f"{where}: SAM found no object at the given {'box' if reference.box else 'points'}; "
-                             f"give --ref-mask instead")
-        atomic_save_png(out_dir / REFERENCE_MASK_FILE, np.asarray(mask, dtype=bool))
-        log(f"reference mask made by SAM: {out_dir / REFERENCE_MASK_FILE}")
-        masks = reference.masks = {1: np.asarray(mask, dtype=bool)}
+    if masks is None:
+        encoded = reference_mask_by_sam(predictor, reference, out_dir, log)
+        masks = reference.masks
     if reference.kind == "image":
         concepts = learn_concepts(predictor, reference.image, masks, options.method, options.finetune, encoded)
         return VideoTracker(predictor, concepts, **tracker_options), None
@@ -262,11 +152,56 @@ def _make_tracker(predictor, reference: Reference, options: TrackOptions, out_di
     return tracker, result
 
 
+def reference_mask_by_sam(predictor, reference: Reference, out_dir: Path, log):
+    """SAM makes the mask of object 1 from the reference's clicks / box: set as ``reference.masks`` and
+    saved as OUT/reference_mask.png.  Returns the reference image's (features, original size)."""
+    from persam.method.target import reference_mask_from_prompts
+
+    encoded = (predictor.set_image(reference.image), predictor.original_size)
+    mask = reference_mask_from_prompts(predictor, points=reference.points, box=reference.box)
+    if mask is None:
+        where = f"frame {reference.frame}" if reference.kind == "frame" else "the reference image"
+        raise SettingError(f"{where}: SAM found no object at the given {'box' if reference.box else 'points'}; "
+                           f"give {{ref_mask}} instead", "ref_mask")
+    atomic_save_png(out_dir / REFERENCE_MASK_FILE, np.asarray(mask, dtype=bool))
+    log(f"reference mask made by SAM: {out_dir / REFERENCE_MASK_FILE}")
+    reference.masks = {1: np.asarray(mask, dtype=bool)}
+    return encoded
+
+
 def _save_mask(path: Path, label_map: np.ndarray, palette: bool) -> None:
     if palette:
         atomic_save_png(path, label_map.astype(np.uint8), palette="davis")
     else:
         atomic_save_png(path, label_map > 0)
+
+
+def _frame_plan(source: FrameSource, out_dir: Path, options: TrackOptions) -> List[int]:
+    """The indices of the frames to process; SettingError for a range the video does not have."""
+    if source.kind == "folder" and out_dir.resolve() == source.path.resolve():
+        raise SettingError(f"{{out}} {out_dir} is the frame folder; write the outputs to another folder", "out")
+    if not 0 <= options.start < source.count:
+        raise SettingError(f"{{start}} {options.start}: {source.path} has {source.count} frames "
+                           f"(0..{source.count - 1})", "start")
+    stop = source.count if options.end is None else min(options.end, source.count)
+    if stop <= options.start:
+        raise SettingError(f"{{end}} {options.end} must be after {{start}} {options.start}", "end", "start")
+    return list(range(options.start, stop, options.every))
+
+
+def _run_settings(source: FrameSource, reference: Reference, plan: List[int], made_with: dict,
+                  options: TrackOptions) -> Tuple[dict, dict]:
+    """What makes the masks (the run's key) and results.json's header."""
+    made_with = dict(made_with, video_sha256=source_fingerprint(source), every=options.every, start=options.start,
+                     min_similarity=options.min_similarity, method=options.method,
+                     use_previous_box=options.use_previous_box, box_margin=options.box_margin)
+    header = {"command": "track", "video": str(source.path), "video_kind": source.kind, "frame_count": source.count,
+              "fps": round(source.fps, 4), "overlay_fps": round(source.fps / options.every, 4),
+              "size": list(source.size), "objects": reference.ids, "palette_masks": reference.labels, **options.info,
+              "reference": reference.describe, "every": options.every, "start": options.start,
+              "end": source.count if options.end is None else min(options.end, source.count),
+              "min_similarity": options.min_similarity}
+    return made_with, header
 
 
 def run_track(
@@ -277,38 +212,23 @@ def run_track(
     made_with: dict,
     options: Optional[TrackOptions] = None,
     log: Optional[Callable[[str], None]] = None,
+    frame_loop: Optional[Callable[..., "_FrameLoop"]] = None,
 ) -> dict:
     """Track the reference's objects through `source` into `out_dir` (see the module doc).
 
     `predictor_factory` builds the SamPredictor when a frame is to be segmented (not when all is
     done); `made_with` describes what makes the masks besides `options` (the run's key).  Returns
-    results.json's content; ``stopped`` is set when the video could not be read to its end."""
+    results.json's content; ``stopped`` is set when the video could not be read to its end.
+    `frame_loop` replaces PerSAM's per-frame work (a :class:`_FrameLoop` subclass, e.g.
+    persam.runs.track_sam2.Sam2FrameLoop, whose `predictor_factory` builds what it needs)."""
     options = options or TrackOptions()
     out_dir = Path(out_dir)
     log = log or (lambda line: tqdm.write(line, file=sys.stderr))
-    if source.kind == "folder" and out_dir.resolve() == source.path.resolve():
-        raise InputError(f"--out {out_dir} is the frame folder; write the outputs to another folder")
-    if not 0 <= options.start < source.count:
-        raise InputError(f"--start {options.start}: {source.path} has {source.count} frames (0..{source.count - 1})")
-    stop = source.count if options.end is None else min(options.end, source.count)
-    if stop <= options.start:
-        raise InputError(f"--end {options.end} must be after --start {options.start}")
-    plan = list(range(options.start, stop, options.every))
-    ids = reference.ids
+    plan = _frame_plan(source, out_dir, options)
     names = {i: _mask_name(i, source.count) for i in plan}
-    made_with = dict(made_with, video_sha256=source_fingerprint(source), every=options.every, start=options.start,
-                     min_similarity=options.min_similarity, method=options.method,
-                     use_previous_box=options.use_previous_box, box_margin=options.box_margin)
-    fps = source.fps / options.every
-    header = {"command": "track", "video": str(source.path), "video_kind": source.kind, "frame_count": source.count,
-              "fps": round(source.fps, 4), "overlay_fps": round(fps, 4), "size": list(source.size),
-              "objects": ids, "palette_masks": reference.labels, **options.info,
-              "reference": reference.describe, "every": options.every, "start": options.start, "end": stop,
-              "min_similarity": options.min_similarity}
-
+    made_with, header = _run_settings(source, reference, plan, made_with, options)
     overlay_name, not_mp4 = overlay_file_name()
-    with output_lock(out_dir):
-        folder = _TrackFolder(out_dir, made_with, header, options.overwrite, log)
+    with TrackFolder(out_dir, made_with, header, options.overwrite, log) as folder:
         outputs = [names[i] for i in plan] + [overlay_name, partial_overlay_name(overlay_name)]
         if reference.masks is None and reference.kind != "concept":
             outputs.append(REFERENCE_MASK_FILE)
@@ -321,94 +241,134 @@ def run_track(
         overlay_done = folder.overlay is not None and folder.overlay.get("frames") == reachable and (
             not reachable or folder.overlay.get("codec") in PLAYABLE_CODECS)  # an older persam's mp4v: again
         if first_missing is None and overlay_done:
-            data = folder.save()
-            if folder.stopped:
-                log(f"persam: warning: {source.path} stopped at frame {stopped_at} ({folder.stopped.get('reason')}); "
-                    f"the {len(reachable)} frame(s) before it are done in {out_dir}")
-            else:
-                log(f"all {len(plan)} frame(s) already done in {out_dir} (use --overwrite to redo them)")
-            return data
+            return _already_done(folder, source, plan, reachable, log)
         folder.stopped = None
         folder.overlay = None
         folder.claim(outputs)
-
         done_before = len(reachable) if first_missing is None else first_missing
         if done_before:
             log(f"resuming at frame {plan[done_before] if done_before < len(plan) else plan[-1]}: "
                 f"{done_before} frame(s) already done in {out_dir}")
-        writer = OverlayWriter(out_dir, overlay_name, fps, source.size)
+        writer = OverlayWriter(out_dir, overlay_name, source.fps / options.every, source.size)
         if not_mp4:
             log(f"persam: note: the overlay video is {overlay_name} ({writer.codec.upper()}: browsers play it, some "
                 f"players do not) as {not_mp4}; pip install av for {OVERLAY_FILE} (H.264)")
-        tracker, reference_result = None, None
-        previous = None  # label map of the previous processed frame, or the reference masks
-        bar = None
-        written: List[int] = []
-        run_frames, run_start = 0, None
+        frames = (frame_loop or _FrameLoop)(folder, reference, options, names, writer, predictor_factory, log)
+        data = frames.run(source, plan, done_before)
+    if folder.stopped:
+        log(f"persam: warning: {source.path}: stopped at frame {folder.stopped['frame']} "
+            f"({folder.stopped['reason']}); the {len(frames.written)} frame(s) before it are kept in {out_dir}")
+    return data
+
+
+def _already_done(folder: TrackFolder, source: FrameSource, plan: List[int], reachable: List[int], log) -> dict:
+    data = folder.save()
+    if folder.stopped:
+        log(f"persam: warning: {source.path} stopped at frame {folder.stopped.get('frame')} "
+            f"({folder.stopped.get('reason')}); the {len(reachable)} frame(s) before it are done in {folder.out_dir}")
+    else:
+        log(f"all {len(plan)} frame(s) already done in {folder.out_dir} (use --overwrite to redo them)")
+    return data
+
+
+class _FrameLoop:
+    """The frames of one run: those done earlier replayed into the overlay from their masks, the
+    others segmented (the model built at the first of them), results.json saved as it goes."""
+
+    def __init__(self, folder: TrackFolder, reference: Reference, options: TrackOptions, names: Dict[int, str],
+                 writer: OverlayWriter, predictor_factory: Callable[[], object], log) -> None:
+        self.folder, self.reference, self.options, self.names = folder, reference, options, names
+        self.writer, self.predictor_factory, self.log = writer, predictor_factory, log
+        self.tracker, self.reference_result, self.bar = None, None, None
+        self.previous = None  # label map of the previous processed frame, or the reference masks
+        self.written: List[int] = []
+        self.run_frames, self.run_start = 0, None
+
+    def run(self, source: FrameSource, plan: List[int], done_before: int) -> dict:
+        """Every frame of `plan`; results.json's content as finally written."""
         last_save = time.monotonic()
         complete = False
         try:
             try:
                 for position, (index, frame) in enumerate(source.frames(plan)):
-                    if position < done_before:  # done earlier: into the overlay again, from its mask
-                        record = folder.records[index]
-                        label_map = load_label_map(out_dir / record["mask"])
-                        found = {o["id"]: bool(o["found"]) for o in record["objects"]}
-                        writer.write(overlay_frame(frame, label_map, ids, found, record.get("reference", False)))
-                        written.append(index)
-                        ref_masks = reference.masks if record.get("reference") else None
-                        previous = ref_masks if ref_masks is not None else label_map
+                    if position < done_before:
+                        self._replay(index, frame)
                         continue
-                    if tracker is None:
-                        predictor = predictor_factory()
-                        run_start = time.perf_counter()  # the frames/s count learning, not building the model
-                        tracker, reference_result = _make_tracker(predictor, reference, options, out_dir, log)
-                        tracker.restart(previous)
-                        bar = tqdm(total=len(plan), initial=position, desc="tracking", unit=" frames", file=sys.stderr,
-                                   bar_format=BAR_FORMAT,
-                                   disable=(not options.progress) if options.progress is not None else None)
-                    if reference.kind == "frame" and index == reference.frame:
-                        result = reference_result
-                        tracker.restart(reference.masks)
-                    else:
-                        result = tracker.track(frame)
-                    _save_mask(out_dir / names[index], result.label_map, reference.labels)
-                    folder.records[index] = _record(index, names[index], result, ids)
-                    found = {i: o.found for i, o in result.objects.items()}
-                    writer.write(overlay_frame(frame, result.label_map, ids, found, result.reference))
-                    written.append(index)
-                    run_frames += 1
-                    bar.update(1)
+                    self._segment(index, frame, position, len(plan))
                     if time.monotonic() - last_save >= SAVE_EVERY_S:
-                        folder.save()
+                        self.folder.save()
                         last_save = time.monotonic()
             except FrameStop as halt:
-                folder.stopped = {"frame": halt.index, "reason": halt.reason}
-            if bar is not None:
-                bar.close()
-            made = writer.finish()
+                self.folder.stopped = {"frame": halt.index, "reason": halt.reason}
+            if self.bar is not None:
+                self.bar.close()
+            self._finish_overlay()
             complete = True
-            folder.overlay = {"file": overlay_name if made else None, "codec": writer.codec if made else None,
-                              "size": list(writer.size), "frames": written}
-            for name in OVERLAY_FILES + tuple(map(partial_overlay_name, OVERLAY_FILES)):
-                if name != folder.overlay["file"] and name in folder.files:  # renamed, or an earlier run's other one
-                    path = out_dir / name
-                    if path.is_file() and not path.is_symlink():
-                        path.unlink()
-                    folder.files.discard(name)
         finally:
             if not complete:
-                writer.abandon()
-                if bar is not None:
-                    bar.close()
-            seconds = (time.perf_counter() - run_start) if run_start is not None else 0.0
-            summary = {"this_run": {"frames": run_frames, "seconds": round(seconds, 3),
-                                    "frames_per_second": round(run_frames / seconds, 4) if seconds > 0 else None}}
-            data = folder.save(summary)
-    if folder.stopped:
-        log(f"persam: warning: {source.path}: stopped at frame {folder.stopped['frame']} "
-            f"({folder.stopped['reason']}); the {len(written)} frame(s) before it are kept in {out_dir}")
-    return data
+                self.writer.abandon()
+                if self.bar is not None:
+                    self.bar.close()
+            seconds = (time.perf_counter() - self.run_start) if self.run_start is not None else 0.0
+            summary = {"this_run": {"frames": self.run_frames, "seconds": round(seconds, 3),
+                                    "frames_per_second": round(self.run_frames / seconds, 4) if seconds > 0 else None}}
+            data = self.folder.save(summary)
+        return data
+
+    def _replay(self, index: int, frame: np.ndarray) -> None:
+        """A frame done earlier: into the overlay again, from its mask."""
+        record = self.folder.records[index]
+        label_map = load_label_map(self.folder.out_dir / record["mask"])
+        found = {o["id"]: bool(o["found"]) for o in record["objects"]}
+        self.writer.write(overlay_frame(frame, label_map, self.reference.ids, found, record.get("reference", False)))
+        self.written.append(index)
+        ref_masks = self.reference.masks if record.get("reference") else None
+        self.previous = ref_masks if ref_masks is not None else label_map
+
+    def _start(self, position: int, total: int) -> None:
+        models = self.predictor_factory()
+        self.run_start = time.perf_counter()  # the frames/s count learning, not building the model
+        self.tracker, self.reference_result = self._make_tracker(models)
+        self.tracker.restart(self.previous)
+        progress = self.options.progress
+        self.bar = tqdm(total=total, initial=position, desc="tracking", unit=" frames", file=sys.stderr,
+                        bar_format=BAR_FORMAT, disable=(not progress) if progress is not None else None)
+
+    def _make_tracker(self, models):
+        """The per-frame tracker (``track``, ``restart``) from what `predictor_factory` built, and the
+        reference frame's result (None without one); a subclass's other method goes here."""
+        return _make_tracker(models, self.reference, self.options, self.folder.out_dir, self.log)
+
+    def _frame_record(self, index: int, result) -> dict:
+        """results.json's record of a segmented frame."""
+        return _record(index, self.names[index], result, self.reference.ids)
+
+    def _segment(self, index: int, frame: np.ndarray, position: int, total: int) -> None:
+        if self.tracker is None:
+            self._start(position, total)
+        reference = self.reference
+        if reference.kind == "frame" and index == reference.frame:
+            result = self.reference_result
+            self.tracker.restart(reference.masks)
+        else:
+            result = self.tracker.track(frame)
+        _save_mask(self.folder.out_dir / self.names[index], result.label_map, reference.labels)
+        self.folder.records[index] = self._frame_record(index, result)
+        found = {i: o.found for i, o in result.objects.items()}
+        self.writer.write(overlay_frame(frame, result.label_map, reference.ids, found, result.reference))
+        self.written.append(index)
+        self.run_frames += 1
+        self.bar.update(1)
+
+    def _finish_overlay(self) -> None:
+        """Close the overlay video and drop the overlay files of earlier runs this one replaced."""
+        made = self.writer.finish()
+        folder = self.folder
+        folder.overlay = {"file": self.writer.final.name if made else None, "codec": self.writer.codec if made else None,
+                          "size": list(self.writer.size), "frames": self.written}
+        for name in OVERLAY_FILES + tuple(map(partial_overlay_name, OVERLAY_FILES)):
+            if name != folder.overlay["file"] and name in folder.files:  # renamed, or an earlier run's other one
+                folder.remove([name])
 
 
 # --------------------------------------------------------------------------------------------
@@ -430,8 +390,8 @@ def write_track_coco(out_dir, data: dict, category: str, frame_files: Sequence =
             raise InputError(f"{path} changed while coco.json was being written (another run); run again")
         files = set(current.get("files") or [])
         if (out_dir / COCO_FILE).exists() and COCO_FILE not in files:
-            raise InputError(f"{out_dir / COCO_FILE} was not written by persam (results.json there does not list "
-                             f"it); refusing to replace it: use another --out, or move the file away")
+            raise SettingError(f"{out_dir / COCO_FILE} was not written by persam (results.json there does not list "
+                               f"it); refusing to replace it: use another {{out}}, or move the file away", "out")
         if COCO_FILE not in files:
             current["files"] = sorted(files | {COCO_FILE})
             atomic_write_text(path, json.dumps(current, indent=2, allow_nan=False) + "\n")

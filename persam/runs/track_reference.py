@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from persam.data.frames import FrameSource
-from persam.errors import InputError
+from persam.errors import InputError, SettingError
 from persam.data.io import check_reference_mask, load_image, load_label_map, load_mask
 
 __all__ = ["Reference", "read_reference"]
@@ -51,37 +51,20 @@ def _check_inside(coords, w: int, h: int, edge: int, where: str) -> None:
 
 def read_reference(source: FrameSource, *, concept=None, ref_image=None, ref_frame: Optional[int] = None,
                    ref_mask=None, ref_point: Optional[Sequence[Sequence[float]]] = None,
-                   ref_box: Optional[Sequence[float]] = None, ref_labels=None, finetune: bool = False) -> Reference:
+                   ref_box: Optional[Sequence[float]] = None, ref_labels=None) -> Reference:
     """The reference, loaded and checked (before the model is built): `concept` (a concept file), or one
     of `ref_mask`, `ref_point` ([(x, y), ...]), `ref_box` (x0, y0, x1, y1) or `ref_labels` (a label map)
-    on frame `ref_frame` of `source` (default 0) or on the image `ref_image`.  The messages name the
-    command's flags (--ref-mask, ...) and `finetune` is whether --finetune was given."""
+    on frame `ref_frame` of `source` (default 0) or on the image `ref_image`: exactly one of them, which
+    the caller checks (persam.cli.track_command).  SettingError names the setting of a file that does
+    not fit."""
     from persam.runs.key import file_sha256
 
-    shapes = [name for name, given in (("--ref-mask", ref_mask), ("--ref-point", ref_point),
-                                        ("--ref-box", ref_box is not None), ("--ref-labels", ref_labels))
-              if given]
     if concept:
-        if shapes or ref_image or ref_frame is not None:
-            raise InputError("--concept is the whole reference: leave out --ref-image, --ref-frame and "
-                             + ", ".join(shapes or ["--ref-mask / --ref-point / --ref-box / --ref-labels"]))
-        if finetune:
-            raise InputError("--finetune needs a reference mask; a concept is already learned (use `persam learn "
-                             "--finetune` to make a PerSAM-F concept)")
         from persam.data.concept import load_concept
 
         loaded = load_concept(concept)  # the file is checked here; the model when it is known
         return Reference("concept", concept=loaded, describe={"concept": str(concept)},
                          content={"concept_sha256": file_sha256(concept)})
-    if not shapes:
-        raise InputError("the object needs --concept, or --ref-mask / --ref-point / --ref-box / --ref-labels on "
-                         "--ref-frame N (default 0) or on a --ref-image")
-    if len(shapes) > 1:
-        raise InputError(f"give the reference as one of --ref-mask, --ref-point, --ref-box or --ref-labels, "
-                         f"not {' and '.join(shapes)}")
-    if ref_image and ref_frame is not None:
-        raise InputError("give the reference on --ref-frame N of the video or on a --ref-image, not both")
-
     if ref_image:
         image_path = Path(ref_image)
         image = load_image(image_path)
@@ -101,20 +84,23 @@ def read_reference(source: FrameSource, *, concept=None, ref_image=None, ref_fra
     if ref_mask:
         mask = load_mask(ref_mask)
         if mask.shape != (h, w):
-            raise InputError(f"--ref-mask {ref_mask} is {mask.shape[1]}x{mask.shape[0]} but {where} is {w}x{h}")
+            raise SettingError(f"{{ref_mask}} {ref_mask} is {mask.shape[1]}x{mask.shape[0]} but {where} is {w}x{h}",
+                               "ref_mask")
         ref.masks = {1: check_reference_mask(mask, ref_mask)}
         ref.describe["mask"] = str(ref_mask)
         ref.content["mask_sha256"] = file_sha256(ref_mask)
     elif ref_labels:
         labels = load_label_map(ref_labels)
         if labels.shape != (h, w):
-            raise InputError(f"--ref-labels {ref_labels} is {labels.shape[1]}x{labels.shape[0]} but {where} "
-                             f"is {w}x{h}")
+            raise SettingError(f"{{ref_labels}} {ref_labels} is {labels.shape[1]}x{labels.shape[0]} but {where} "
+                               f"is {w}x{h}", "ref_labels")
         ids = [int(i) for i in np.unique(labels) if i not in (0, 255)]
         if not ids:
-            raise InputError(f"--ref-labels {ref_labels} holds no object (ids 1..254; 0 is background, 255 void)")
+            raise SettingError(f"{{ref_labels}} {ref_labels} holds no object (ids 1..254; 0 is background, 255 void)",
+                               "ref_labels")
         if max(ids) > 254:
-            raise InputError(f"--ref-labels {ref_labels} has object id {max(ids)}; a palette PNG holds ids 1..254")
+            raise SettingError(f"{{ref_labels}} {ref_labels} has object id {max(ids)}; a palette PNG holds ids 1..254",
+                               "ref_labels")
         ref.masks = {i: labels == i for i in ids}
         ref.labels = True
         ref.describe["labels"] = str(ref_labels)

@@ -325,7 +325,7 @@ def help_text(capsys, command):
 
 
 def model_help(capsys, command):
-    match = re.search(r"--model \{[a-z_,]+\} (.*?) --checkpoint", help_text(capsys, command))
+    match = re.search(r"--model \{[a-z0-9_.+,]+\} (.*?) --checkpoint", help_text(capsys, command))
     assert match, command
     return match.group(1)
 

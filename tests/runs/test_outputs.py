@@ -385,7 +385,7 @@ def test_results_json_never_holds_nan(tmp_path):
     folder.targets = [Target(tmp_path / "x.jpg", "x")]
     folder.records = {"x": {"name": "x", "key": folder.key, "status": "ok", "iou_score": float("nan"),
                             "boxes": [[float("inf"), 1.0, 2.0, float("-inf")]], "peak": np.float32("nan")}}
-    folder._save()
+    folder.save()
     results = strict_json(tmp_path / "results.json")
     assert results["images"][0]["iou_score"] is None and results["images"][0]["peak"] is None
     assert results["images"][0]["boxes"] == [[None, 1.0, 2.0, None]]

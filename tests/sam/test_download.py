@@ -146,7 +146,7 @@ def _isolated_cache(monkeypatch, tmp_path):
 
 
 def test_registry_has_the_official_checkpoints():
-    assert set(MODELS) == {"vit_b", "vit_l", "vit_h", "vit_t"}
+    assert {"vit_b", "vit_l", "vit_h", "vit_t"} <= set(MODELS)  # other families: their own tests
     assert MODELS["vit_h"].filename == "sam_vit_h_4b8939.pth"
     assert MODELS["vit_h"].size == 2564550879
     assert MODELS["vit_l"].filename == "sam_vit_l_0b3195.pth"
@@ -158,7 +158,7 @@ def test_registry_has_the_official_checkpoints():
     assert MODELS["vit_t"].sha256 == "6dbb90523a35330fedd7f1d3dfc66f995213d81b29a5ca8108dbcdd4e37d6c2f"
     for name, e in MODELS.items():
         assert e.model_type == name
-        assert re.fullmatch(r"[0-9a-f]{64}", e.sha256)
+        assert e.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", e.sha256)  # None: no digest known
         assert e.url.startswith("https://") and e.url.endswith(e.filename)
 
 
@@ -528,3 +528,31 @@ def test_python_dash_m_persam():
     )
     assert res.returncode == 0, res.stderr
     assert "MODEL" in res.stdout and "--cache-dir" in res.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# DINOv2 entries (family "dinov2")
+
+
+def test_registry_has_metas_dinov2_backbones():
+    dinov2 = {name: e for name, e in MODELS.items() if e.family == "dinov2"}
+    assert set(dinov2) == {"dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "dinov2_vitg14"}
+    for name, e in dinov2.items():
+        assert e.filename == f"{name}_pretrain.pth"
+        assert e.url == f"https://dl.fbaipublicfiles.com/dinov2/{name}/{name}_pretrain.pth"
+    assert MODELS["dinov2_vits14"].size == 88283115
+    assert MODELS["dinov2_vits14"].sha256 == "b938bf1bc15cd2ec0feacfe3a1bb553fe8ea9ca46a7e1d8d00217f29aef60cd9"
+    assert MODELS["dinov2_vitg14"].sha256 is None  # no trusted digest: downloaded unverified
+    assert all(e.family == "sam" for name, e in MODELS.items() if name.startswith("vit_"))
+
+
+def test_cli_downloads_a_dinov2_backbone(tmp_path, server, monkeypatch, capsys):
+    from persam.cli.commands import main
+
+    official = MODELS["dinov2_vits14"]
+    local = ModelFile(official.model_type, official.filename, server.url, len(DATA), SHA, family="dinov2")
+    monkeypatch.setitem(MODELS, "dinov2_vits14", local)
+    assert main(["download", "dinov2_vits14", "--cache-dir", str(tmp_path), "-q"]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "dinov2_vits14_pretrain.pth")
+    assert (tmp_path / "dinov2_vits14_pretrain.pth").read_bytes() == DATA
+    assert cached_checkpoint("dinov2_vits14", tmp_path) == tmp_path / "dinov2_vits14_pretrain.pth"

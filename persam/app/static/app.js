@@ -312,7 +312,7 @@ function settings() {
 
 function showConcept() {
   const c = ui.concept;
-  const names = { persam: "PerSAM", persam_f: "PerSAM-F" };
+  const names = { persam: "PerSAM", persam_f: "PerSAM-F", gfsam: "GF-SAM" };
   if (!c) { $("#concept-info").textContent = "Nothing learned yet."; }
   else if (c.source === "references") {
     $("#concept-info").textContent = `Concept: ${names[c.method]}, learned from ${c.references} reference${c.references === 1 ? "" : "s"}.`;
@@ -327,7 +327,8 @@ function showConcept() {
 async function learn() {
   if (ui.useFileConcept && ui.concept) return;
   const method = $("#method").value;
-  say(method === "persam_f" ? "Learning PerSAM-F's weights on the reference…" : "Learning the concept…", "busy");
+  say(method === "persam_f" ? "Learning PerSAM-F's weights on the reference…"
+    : method === "gfsam" ? "Learning GF-SAM's DINOv2 features of the references…" : "Learning the concept…", "busy");
   ui.concept = await apiJSON("POST", "/api/learn", { method });
   showConcept();
 }
@@ -386,13 +387,14 @@ function card(t) {
     heat.hidden = true;
   } else {
     status.textContent = r.found ? (r.objects > 1 ? `found: ${r.objects} objects` : "found") : `not found (${r.reason})`;
-    el.querySelector(".peak").textContent = `peak similarity ${fmt(r.peak_similarity)}`;
-    el.querySelector(".iou").textContent = r.iou_score === null ? "" : `predicted IoU ${fmt(r.iou_score)}`;
+    const gfsam = r.method === "gfsam";  // its score is DINOv2's best match; it predicts no IoU
+    el.querySelector(".peak").textContent = `${gfsam ? "score" : "peak similarity"} ${fmt(r.peak_similarity)}`;
+    el.querySelector(".iou").textContent = r.iou_score === null || gfsam ? "" : `predicted IoU ${fmt(r.iou_score)}`;
     el.querySelector(".status").title = r.reason || "";
     el.querySelector(".timing").textContent = r.encoded
       ? `encoded in ${fmt(r.encode_s, 1)} s · segmented in ${fmt(r.segment_s)} s`
-      : `segmented in ${fmt(r.segment_s)} s (cached embedding)`;
-    heat.hidden = false;
+      : `segmented in ${fmt(r.segment_s)} s` + (gfsam ? "" : " (cached embedding)");
+    heat.hidden = gfsam;
   }
   return el;
 }
@@ -526,6 +528,10 @@ async function restore() {
     ui.allowFolders = app.allow_folders;
     $("#folder-form").hidden = !app.allow_folders;
     $("#folder-off").hidden = app.allow_folders;
+    const gfsamOption = $("#method-gfsam");  // GF-SAM only with a DINOv2 checkpoint; else disabled, saying why
+    gfsamOption.disabled = !app.gfsam.available;
+    gfsamOption.title = app.gfsam.why || `DINOv2 ${app.gfsam.dinov2}`;
+    if (!app.gfsam.available) gfsamOption.textContent = "GF-SAM (every instance): needs a DINOv2 checkpoint";
     ui.refs = state.references.map((r) => Object.assign(r, { history: [] }));
     ui.current = ui.refs.length ? ui.refs[ui.refs.length - 1].id : null;
     ui.targets = state.targets;

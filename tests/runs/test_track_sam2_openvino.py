@@ -1,0 +1,74 @@
+"""SAM 2.1's image step on OpenVINO (sam.sam2.openvino_encoder, `persam track --tracker sam2 --backend openvino`):
+the same features and masks as torch (seeded random sam2.1_hiera_t at an input side of 128)."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cli_testing import run_cli
+from conftest import DAVIS
+from persam.data.io import load_mask
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="OpenVINO is not installed")
+SEQ = "car-shadow"
+SIZE = 128
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_torch_thread):
+    """Every test here on one torch thread (conftest.one_torch_thread)."""
+
+
+def test_features_and_tracking_equal_torch():
+    from sam2_testing import random_sam2
+    from sam.sam2.openvino_encoder import use_openvino
+    from sam.sam2.video import VideoTracker
+
+    frames = sorted((DAVIS / "JPEGImages" / "480p" / SEQ).glob("*.jpg"))[:4]
+    first = DAVIS / "Annotations" / "480p" / SEQ / "00000.png"
+    if not first.exists():
+        pytest.skip(f"DAVIS {SEQ} is not in the shared data")
+    mask = np.array(Image.open(first)) == 1
+    plain, _ = random_sam2("sam2.1_hiera_t", seed=0, image_size=SIZE)
+    fast, _ = random_sam2("sam2.1_hiera_t", seed=0, image_size=SIZE)
+    use_openvino(fast, threads=1)
+    image = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        expected, got = plain.forward_image(image), fast.forward_image(image)
+    for a, b in zip(expected["backbone_fpn"] + expected["vision_pos_enc"], got["backbone_fpn"] + got["vision_pos_enc"]):
+        assert a.shape == b.shape
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), float((a - b).abs().max())
+    trackers = [VideoTracker(plain, fill_hole_area=0), VideoTracker(fast, fill_hole_area=0)]
+    for index, path in enumerate(frames):
+        frame = np.array(Image.open(path).convert("RGB"))
+        a, b = (t.step(index, frame, {1: mask} if index == 0 else None)[1] for t in trackers)
+        assert np.abs(a.mask_logits - b.mask_logits).max() < 1e-3, index
+        assert abs(a.object_score - b.object_score) < 1e-3
+
+
+def test_the_command_takes_backend_openvino(tmp_path):
+    from sam2_testing import random_sam2_state
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for path in sorted((DAVIS / "JPEGImages" / "480p" / SEQ).glob("*.jpg"))[:3]:
+        shutil.copy(path, frames / path.name)
+    first = np.array(Image.open(DAVIS / "Annotations" / "480p" / SEQ / "00000.png")) == 1
+    Image.fromarray(first.astype(np.uint8) * 255).save(tmp_path / "first.png")
+    torch.save({"model": random_sam2_state("sam2.1_hiera_t", seed=0)}, tmp_path / "sam2.pt")
+    outs = {}
+    for backend in ("torch", "openvino"):
+        outs[backend] = tmp_path / backend
+        argv = ["track", frames, "--tracker", "sam2", "--checkpoint", tmp_path / "sam2.pt", "--ref-mask",
+                tmp_path / "first.png", "--input-size", SIZE, "--fill-holes", 0, "--backend", backend,
+                "--out", outs[backend], "-q"]
+        assert run_cli(argv) == 0
+    for index in range(3):
+        a, b = (load_mask(outs[k] / f"{index:05d}.png") for k in ("torch", "openvino"))
+        assert np.logical_and(a, b).sum() / max(np.logical_or(a, b).sum(), 1) >= 0.99

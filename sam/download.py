@@ -281,6 +281,12 @@ def _by_hand(entry: ModelFile, part: Path) -> str:
     )
 
 
+def _one_line(exc: BaseException) -> str:
+    """The first clause of an error's message (what is wrong, without the loader's advice)."""
+    text = str(exc).strip()
+    return text.splitlines()[0].split("; ")[0] if text else type(exc).__name__
+
+
 def _describe_net_error(exc: BaseException) -> str:
     if isinstance(exc, urllib.error.HTTPError):
         return f"HTTP {exc.code} {exc.reason}"
@@ -299,6 +305,7 @@ def download_checkpoint(
     url: Optional[str] = None,
     progress: bool = True,
     warn: Optional[Callable[[str], None]] = None,
+    check_fits: Optional[Callable[[str, Path], None]] = None,
 ) -> Path:
     """Return the local path of the checkpoint for ``model_type``, downloading it if needed.
 
@@ -310,6 +317,11 @@ def download_checkpoint(
     :class:`UnverifiedCheckpointWarning` (see :func:`cached_checkpoint`; it is never replaced).
     Raises :class:`DownloadError` on network errors, truncated transfers and hash/size
     mismatches, and ``ValueError`` for an unknown model type.
+
+    For an entry without a known sha256, ``check_fits(model_type, path)`` (for example
+    :func:`sam.checkpoint_fit.check_checkpoint_fits`) is the check instead: a download it raises on
+    is deleted and refused.  Such a download is published with one warning giving its sha256, so
+    that the user can compare it with a source they trust.
     """
     entry = _registry_entry(model_type)
     url = url or entry.url
@@ -342,7 +354,14 @@ def download_checkpoint(
             _fetch(entry, url, part, progress)
         else:
             raise
-    _check_and_publish(entry, url, part, final)
+    _check_and_publish(entry, url, part, final, check_fits)
+    if entry.sha256 is None:
+        _give_warning(
+            f"{final}: no published sha256 of the {entry.model_type} checkpoint is known to this "
+            f"toolkit, so the download was checked by {'loading it into the model' if check_fits else 'its transfer only'}; "
+            f"its sha256 is {sha256_file(final)}",
+            warn,
+        )
     return final
 
 
@@ -428,7 +447,8 @@ def _fetch(entry: ModelFile, url: str, part: Path, progress: bool) -> None:
         )
 
 
-def _check_and_publish(entry: ModelFile, url: str, part: Path, final: Path) -> None:
+def _check_and_publish(entry: ModelFile, url: str, part: Path, final: Path,
+                       check_fits: Optional[Callable[[str, Path], None]] = None) -> None:
     size = part.stat().st_size
     if entry.size is not None and size != entry.size:
         part.unlink()
@@ -446,4 +466,14 @@ def _check_and_publish(entry: ModelFile, url: str, part: Path, final: Path) -> N
                 f"{entry.sha256}; the partial file was deleted; {_again(entry.model_type)} "
                 f"(if it keeps failing, the server is serving a different file)"
             )
+    elif check_fits is not None:
+        try:
+            check_fits(entry.model_type, part)
+        except Exception as exc:  # the check's one-line CheckpointError, or anything a bad file raises
+            part.unlink()
+            raise DownloadError(
+                f"download of {url} is not a {entry.model_type} checkpoint ({_one_line(exc)}); "
+                f"the partial file was deleted; {_again(entry.model_type)} "
+                f"(if it keeps failing, the server is serving a different file)"
+            ) from None
     os.replace(part, final)

@@ -13,6 +13,7 @@ For each variant, two child processes (so that each one's peak resident memory i
 * Meta's: ``init_state`` on the folder (it decodes every frame first), ``add_new_mask`` on frame 0 and
   ``propagate_in_video`` (frames/s over all three; building the model not counted).  Needs Meta's ``sam2``
   package (``pip install --no-deps sam2==1.1.0 hydra-core iopath``); torchvision is stubbed as in the tests.
+  ``--meta-precision bf16`` runs it under ``torch.autocast(bfloat16)``, as Meta's README runs its predictor.
 
 Weights: Meta's checkpoints from --checkpoint-dir (``sam2.1_hiera_tiny.pt`` ...) when given, else seeded random
 weights written once to a temporary checkpoint both sides load.  The frames default to the shared car-shadow
@@ -89,7 +90,9 @@ def run_meta(args) -> dict:
     predictor.fill_hole_area = 0
     mask = np.array(Image.open(args.mask)) > 0
     frames = 0
-    with torch.inference_mode():
+    autocast = torch.autocast(device_type=torch.device(args.device).type, dtype=torch.bfloat16,
+                              enabled=args.meta_precision == "bf16")
+    with torch.inference_mode(), autocast:
         start = time.perf_counter()
         inference = predictor.init_state(args.frames, offload_video_to_cpu=args.device == "cpu")
         predictor.add_new_mask(inference, frame_idx=0, obj_id=1, mask=mask)
@@ -136,7 +139,7 @@ def child(side: str, variant: str, checkpoint: Path, frames: Path, mask: Path, w
     command = [sys.executable, __file__, "--side", side, "--variant", variant, "--checkpoint", str(checkpoint),
                "--frames", str(frames), "--mask", str(mask), "--work", str(work), "--input-size", str(args.input_size),
                "--threads", str(args.threads), "--device", args.device, "--ours-backend", args.ours_backend,
-               "--ours-precision", args.ours_precision]
+               "--ours-precision", args.ours_precision, "--meta-precision", args.meta_precision]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
@@ -157,6 +160,8 @@ def main() -> None:
     parser.add_argument("--ours-precision", default="fp32", choices=("fp32", "bf16"),
                         help="our SAM 2.1 steps in fp32 (Meta's masks) or under bf16 autocast (faster where the CPU "
                              "has native bf16; Meta's side stays fp32, as its predictor runs on a CPU)")
+    parser.add_argument("--meta-precision", default="fp32", choices=("fp32", "bf16"),
+                        help="Meta's predictor in fp32 or under bf16 autocast (the way Meta's README runs it)")
     parser.add_argument("--ours-backend", default="torch", choices=("torch", "openvino"),
                         help="who runs our SAM 2 image step (openvino: sam.sam2.openvino_encoder, CPU only)")
     # a child process's own arguments
@@ -176,7 +181,7 @@ def main() -> None:
         return
     print(f"machine: {cpu_model()}; device {args.device}; torch threads {args.threads or 'default'}; "
           f"input {args.input_size}; {args.count} frames; our image step on {args.ours_backend}, "
-          f"ours in {args.ours_precision}")
+          f"ours in {args.ours_precision}, Meta's in {args.meta_precision}")
     with tempfile.TemporaryDirectory(prefix="bench_track_") as tmp:
         work = Path(tmp)
         frames, mask, checkpoints = prepare(args, work)

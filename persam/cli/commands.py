@@ -34,6 +34,7 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
+from sam.checkpoint_fit import check_checkpoint_fits
 from sam.download import MODELS, DownloadError, download_checkpoint
 from sam.memory import reuse_freed_memory
 from sam.precision import EmulatedBF16Warning
@@ -70,6 +71,7 @@ def cmd_download(args: argparse.Namespace) -> int:
             path = download_checkpoint(
                 name, cache_dir=args.cache_dir, url=args.url, progress=not args.quiet,
                 warn=lambda message: print(f"{PROG}: warning: {message}", file=sys.stderr),
+                check_fits=check_checkpoint_fits,
             )
         except (DownloadError, ValueError, OSError) as exc:
             status = _error(f"{name}: {exc}" if len(names) > 1 else exc)

@@ -556,3 +556,64 @@ def test_cli_downloads_a_dinov2_backbone(tmp_path, server, monkeypatch, capsys):
     assert capsys.readouterr().out.strip() == str(tmp_path / "dinov2_vits14_pretrain.pth")
     assert (tmp_path / "dinov2_vits14_pretrain.pth").read_bytes() == DATA
     assert cached_checkpoint("dinov2_vits14", tmp_path) == tmp_path / "dinov2_vits14_pretrain.pth"
+
+
+# --------------------------------------------------------------------------------------------
+# entries without a known sha256 (DINOv2 ViT-g/14, SAM 2.1): checked by loading into the model
+
+
+def test_unverified_download_that_does_not_load_is_refused(tmp_path, make_server, monkeypatch, capsys):
+    from persam.cli.commands import main
+
+    junk = make_server(data=DATA)
+    official = MODELS["dinov2_vitg14"]
+    assert official.sha256 is None
+    monkeypatch.setitem(MODELS, "dinov2_vitg14", ModelFile(
+        official.model_type, official.filename, junk.url, None, None, family="dinov2"))
+    assert main(["download", "dinov2_vitg14", "--cache-dir", str(tmp_path), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"download of {junk.url} is not a dinov2_vitg14 checkpoint" in err
+    assert "the partial file was deleted" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unverified_download_that_loads_is_kept_with_its_sha256(tmp_path, make_server, monkeypatch, capsys):
+    import io
+
+    import torch
+
+    from persam.cli.commands import main
+    from sam.dinov2 import build_dinov2
+
+    buffer = io.BytesIO()
+    torch.save(build_dinov2("vits14").state_dict(), buffer)
+    weights = buffer.getvalue()
+    server = make_server(data=weights)
+    official = MODELS["dinov2_vits14"]
+    monkeypatch.setitem(MODELS, "dinov2_vits14", ModelFile(
+        official.model_type, official.filename, server.url, None, None, family="dinov2"))
+    assert main(["download", "dinov2_vits14", "--cache-dir", str(tmp_path), "-q"]) == 0
+    final = tmp_path / official.filename
+    captured = capsys.readouterr()
+    assert captured.out.strip() == str(final)
+    assert final.read_bytes() == weights
+    warning = captured.err.strip()
+    assert len(warning.splitlines()) == 1 and "checked by loading it into the model" in warning
+    assert hashlib.sha256(weights).hexdigest() in warning
+
+
+def test_a_sam2_file_is_not_taken_for_a_dinov2_backbone(tmp_path):
+    import torch
+
+    from sam.checkpoint import CheckpointError
+    from sam.checkpoint_fit import check_checkpoint_fits
+    from sam.dinov2 import build_dinov2
+
+    path = tmp_path / "weights.pth"
+    torch.save(build_dinov2("vits14").state_dict(), path)
+    check_checkpoint_fits("dinov2_vits14", path)
+    with pytest.raises(CheckpointError, match="vitb14|ViT-B|fit"):
+        check_checkpoint_fits("dinov2_vitb14", path)
+    with pytest.raises(CheckpointError):
+        check_checkpoint_fits("sam2.1_hiera_t", path)

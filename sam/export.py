@@ -254,8 +254,12 @@ def ensure_export(
     img_size: InputSize,
     cache_dir: Union[str, os.PathLike, None] = None,
     log: Optional[Log] = _stderr,
+    openvino_route: str = "onnx",
 ) -> tuple:
     """The cached export of `encoder` for `backend` (built now if missing or damaged).
+
+    `openvino_route` is :func:`export_openvino`'s route (SAM 2.1's image step takes "torch": OpenVINO
+    cannot compile the IR its ONNX front end makes of Hiera).
 
     Returns (path of the main file, seconds spent building here: 0.0 when it was cached).
     """
@@ -272,7 +276,10 @@ def ensure_export(
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=root))
     os.chmod(staging, 0o755)  # mkdtemp makes it private; the cache is shared like the checkpoints
     try:
-        exporter(_cpu_fp32(encoder), img_size, staging / main_file)
+        if backend == "openvino" and openvino_route != "onnx":
+            export_openvino(_cpu_fp32(encoder), img_size, staging / main_file, route=openvino_route)
+        else:
+            exporter(_cpu_fp32(encoder), img_size, staging / main_file)
         seconds = time.perf_counter() - start
         files = {p.name: _file_record(p) for p in sorted(staging.iterdir()) if p.is_file()}
         meta = {

@@ -162,8 +162,9 @@ def main() -> None:
                              "has native bf16; Meta's side stays fp32, as its predictor runs on a CPU)")
     parser.add_argument("--meta-precision", default="fp32", choices=("fp32", "bf16"),
                         help="Meta's predictor in fp32 or under bf16 autocast (the way Meta's README runs it)")
-    parser.add_argument("--ours-backend", default="torch", choices=("torch", "openvino"),
-                        help="who runs our SAM 2 image step (openvino: sam.sam2.openvino_encoder, CPU only)")
+    parser.add_argument("--ours-backend", default="torch", choices=("torch", "openvino", "onnxruntime"),
+                        help="who runs our SAM 2 image step (sam.sam2.encoder_backends, CPU only; the export is "
+                             "cached, its one-time build not counted)")
     # a child process's own arguments
     parser.add_argument("--side", choices=("ours", "meta"), help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)

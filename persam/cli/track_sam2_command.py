@@ -98,8 +98,8 @@ def sam2_run_inputs(args, reference: Reference):
 
 
 def _build_models(model_type, checkpoint, input_size, device, sam_type, sam_checkpoint, precision, backend):
-    """SAM 2.1 on `device` (its image step on OpenVINO with `backend` openvino), and the builder of SAM (v1)'s
-    predictor (None without its checkpoint)."""
+    """SAM 2.1 on `device` (its image step on OpenVINO or ONNX Runtime when `backend` names one), and the
+    builder of SAM (v1)'s predictor (None without its checkpoint)."""
     import torch
 
     from sam.sam2.build import load_sam2
@@ -112,15 +112,18 @@ def _build_models(model_type, checkpoint, input_size, device, sam_type, sam_chec
     if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise InputError("--device mps: Apple MPS is not available (use --device cpu)")
     model = load_sam2(model_type, checkpoint, device=device, image_size=input_size)
-    if backend == "openvino":  # asked by name only: "auto" keeps SAM 2 on torch until it is measured faster
-        from sam.sam2.openvino_encoder import OpenVINOUnavailable, use_openvino
+    if backend in ("openvino", "onnxruntime"):  # by name only: "auto" keeps SAM 2 on torch, where parity is proven
+        from sam.backends import BackendUnavailable, resolve_backend
+        from sam.checkpoint import checkpoint_file
+        from sam.download import sha256_file
+        from sam.sam2.encoder_backends import use_backend
 
-        if device != "cpu":
-            raise InputError(f"--backend openvino runs on the CPU, not --device {device}")
         try:
-            use_openvino(model, threads=torch.get_num_threads())
-        except OpenVINOUnavailable as exc:
-            raise InputError(f"--backend openvino: {exc}") from None
+            resolve_backend(backend, device, precision)  # installed, on the CPU, a precision it runs
+            sha256 = sha256_file(checkpoint_file(checkpoint, model_type=model_type))
+            use_backend(model, backend, precision, sha256=sha256, threads=torch.get_num_threads())
+        except BackendUnavailable as exc:
+            raise InputError(f"--backend {backend}: {exc}") from None
     sam = None
     if sam_checkpoint is not None:
         sam = partial(build_predictor, sam_type, sam_checkpoint, device, precision, backend)

@@ -1,5 +1,6 @@
-"""SAM 2.1's image step on OpenVINO (sam.sam2.openvino_encoder, `persam track --tracker sam2 --backend openvino`):
-the same features and masks as torch (seeded random sam2.1_hiera_t at an input side of 128)."""
+"""SAM 2.1's image step on OpenVINO and ONNX Runtime (sam.sam2.encoder_backends, `persam track --tracker sam2
+--backend openvino|onnxruntime`): the same features and masks as torch (seeded random sam2.1_hiera_t at an input
+side of 128), the export cached by checkpoint sha256."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from cli_testing import run_cli
 from conftest import DAVIS
 from persam.data.io import load_mask
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="OpenVINO is not installed")
+BACKENDS = [pytest.param(name, marks=pytest.mark.skipif(importlib.util.find_spec(name) is None,
+                                                       reason=f"{name} is not installed"))
+            for name in ("openvino", "onnxruntime")]
 SEQ = "car-shadow"
 SIZE = 128
 
@@ -25,9 +28,10 @@ def _one_thread(one_torch_thread):
     """Every test here on one torch thread (conftest.one_torch_thread)."""
 
 
-def test_features_and_tracking_equal_torch():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_features_and_tracking_equal_torch(backend, tmp_path):
     from sam2_testing import random_sam2
-    from sam.sam2.openvino_encoder import use_openvino
+    from sam.sam2.encoder_backends import use_backend
     from sam.sam2.video import VideoTracker
 
     frames = sorted((DAVIS / "JPEGImages" / "480p" / SEQ).glob("*.jpg"))[:4]
@@ -37,8 +41,9 @@ def test_features_and_tracking_equal_torch():
     mask = np.array(Image.open(first)) == 1
     plain, _ = random_sam2("sam2.1_hiera_t", seed=0, image_size=SIZE)
     fast, _ = random_sam2("sam2.1_hiera_t", seed=0, image_size=SIZE)
-    use_openvino(fast, threads=1)
-    image = torch.randn(1, 3, SIZE, SIZE)
+    use_backend(fast, backend, cache_dir=tmp_path, threads=1, log=None)
+    assert fast.forward_image.build_seconds > 0
+    image = torch.randn(2, 3, SIZE, SIZE)
     with torch.no_grad():
         expected, got = plain.forward_image(image), fast.forward_image(image)
     for a, b in zip(expected["backbone_fpn"] + expected["vision_pos_enc"], got["backbone_fpn"] + got["vision_pos_enc"]):
@@ -50,9 +55,18 @@ def test_features_and_tracking_equal_torch():
         a, b = (t.step(index, frame, {1: mask} if index == 0 else None)[1] for t in trackers)
         assert np.abs(a.mask_logits - b.mask_logits).max() < 1e-3, index
         assert abs(a.object_score - b.object_score) < 1e-3
+    again, _ = random_sam2("sam2.1_hiera_t", seed=0, image_size=SIZE)  # the same weights: the cached export
+    use_backend(again, backend, cache_dir=tmp_path, threads=1, log=None)
+    assert again.forward_image.build_seconds == 0.0
+    assert again.forward_image.cache_path == fast.forward_image.cache_path
+    other, _ = random_sam2("sam2.1_hiera_t", seed=1, image_size=SIZE)  # other weights: another export
+    use_backend(other, backend, cache_dir=tmp_path, threads=1, log=None)
+    assert other.forward_image.build_seconds > 0
+    assert other.forward_image.cache_path != fast.forward_image.cache_path
 
 
-def test_the_command_takes_backend_openvino(tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_command_takes_the_backend(backend, tmp_path, monkeypatch, capsys):
     from sam2_testing import random_sam2_state
 
     frames = tmp_path / "frames"
@@ -62,13 +76,15 @@ def test_the_command_takes_backend_openvino(tmp_path):
     first = np.array(Image.open(DAVIS / "Annotations" / "480p" / SEQ / "00000.png")) == 1
     Image.fromarray(first.astype(np.uint8) * 255).save(tmp_path / "first.png")
     torch.save({"model": random_sam2_state("sam2.1_hiera_t", seed=0)}, tmp_path / "sam2.pt")
+    monkeypatch.setenv("PERSAM_CACHE", str(tmp_path / "cache"))
     outs = {}
-    for backend in ("torch", "openvino"):
-        outs[backend] = tmp_path / backend
+    for name in ("torch", backend):
+        outs[name] = tmp_path / name
         argv = ["track", frames, "--tracker", "sam2", "--checkpoint", tmp_path / "sam2.pt", "--ref-mask",
-                tmp_path / "first.png", "--input-size", SIZE, "--fill-holes", 0, "--backend", backend,
-                "--out", outs[backend], "-q"]
+                tmp_path / "first.png", "--input-size", SIZE, "--fill-holes", 0, "--backend", name,
+                "--out", outs[name], "-q"]
         assert run_cli(argv) == 0
+    assert len(list((tmp_path / "cache" / "compiled").iterdir())) == 1  # the export, kept for the next run
     for index in range(3):
-        a, b = (load_mask(outs[k] / f"{index:05d}.png") for k in ("torch", "openvino"))
+        a, b = (load_mask(outs[k] / f"{index:05d}.png") for k in ("torch", backend))
         assert np.logical_and(a, b).sum() / max(np.logical_or(a, b).sum(), 1) >= 0.99

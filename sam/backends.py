@@ -231,19 +231,38 @@ def make_encoder(
     encoder = model.image_encoder
     if backend == "torch":
         return TorchEncoder(encoder, precision)
-    kind = encoder_kind(encoder)
-    sha = sha256 or weights_sha256(encoder)
-    img_size = int(encoder.img_size)
-    path, seconds = ensure_export(backend, encoder, kind=kind, sha256=sha, precision=precision,
-                                  img_size=img_size, cache_dir=cache_dir, log=log)
+    return load_export(backend, encoder, kind=encoder_kind(encoder), sha256=sha256 or weights_sha256(encoder),
+                       precision=precision, img_size=int(encoder.img_size), cache_dir=cache_dir, log=log,
+                       threads=threads)
+
+
+def load_export(
+    backend: str,
+    graph: nn.Module,
+    *,
+    kind: str,
+    sha256: str,
+    precision: str,
+    img_size,
+    cache_dir: Union[str, os.PathLike, None] = None,
+    log: Optional[Log] = _stderr,
+    threads: Optional[int] = None,
+    openvino_route: str = "onnx",
+):
+    """The OpenVINO or ONNX Runtime runner of `graph`'s cached export (:func:`sam.export.ensure_export`,
+    built now if missing).  A cached file that passed the export's check but does not load is built again.
+    The runner's ``build_seconds`` is the time spent exporting here (0.0 when the export was cached)."""
+    export_options = dict(kind=kind, sha256=sha256, precision=precision, img_size=img_size, cache_dir=cache_dir,
+                          log=log, openvino_route=openvino_route)
+    path, seconds = ensure_export(backend, graph, **export_options)
     try:
         runner = _load(backend, path, precision, threads)
     except Exception as exc:  # noqa: BLE001 - a file that passed the check but does not load: build again
         if log is not None:
             log(f"persam: the cached {backend} encoder in {path.parent} does not load ({exc}); building it again")
         shutil.rmtree(path.parent, ignore_errors=True)
-        path, seconds = ensure_export(backend, encoder, kind=kind, sha256=sha, precision=precision,
-                                      img_size=img_size, cache_dir=cache_dir, log=log)
+        path, rebuild_seconds = ensure_export(backend, graph, **export_options)
+        seconds += rebuild_seconds
         runner = _load(backend, path, precision, threads)
     runner.build_seconds = seconds
     return runner

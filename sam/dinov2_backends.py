@@ -13,7 +13,6 @@ keeps the last few sizes it met loaded.  A photo set resized to a fixed long sid
 from __future__ import annotations
 
 import os
-import shutil
 from collections import OrderedDict
 from pathlib import Path
 from typing import Optional, Tuple, Union
@@ -21,9 +20,9 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .backends import OnnxRuntimeEncoder, OpenVINOEncoder
+from .backends import load_export
 from .dinov2 import DINOv2, dinov2_variant_of
-from .export import Log, _stderr, ensure_export, weights_sha256
+from .export import Log, _stderr, weights_sha256
 
 
 class PatchFeaturesAtSize(nn.Module):
@@ -98,37 +97,15 @@ class Dinov2Features:
             return self._runners[size]
         if self._sha256 is None:
             self._sha256 = weights_sha256(self.model)
-        graph = PatchFeaturesAtSize(self.model, *size)
-        kind = dinov2_kind(self.model)
-
-        def build() -> Path:
-            path, seconds = ensure_export(self.name, graph, kind=kind, sha256=self._sha256,
-                                          precision=self.precision, img_size=size,
-                                          cache_dir=self._cache_dir, log=self._log)
-            self.build_seconds += seconds
-            return path
-
-        path = build()
-        try:
-            runner = self._load(path)
-        except Exception as exc:  # noqa: BLE001 - a file that passed the check but does not load: build again
-            if self._log is not None:
-                self._log(f"persam: the cached {self.name} encoder in {path.parent} does not load ({exc}); "
-                          f"building it again")
-            shutil.rmtree(path.parent, ignore_errors=True)
-            runner = self._load(build())
-        self.cache_path = path.parent
+        runner = load_export(self.name, PatchFeaturesAtSize(self.model, *size), kind=dinov2_kind(self.model),
+                             sha256=self._sha256, precision=self.precision, img_size=size,
+                             cache_dir=self._cache_dir, log=self._log, threads=self._threads)
+        self.build_seconds += runner.build_seconds
+        self.cache_path = runner.cache_path
         self._runners[size] = runner
         while len(self._runners) > self._keep:
             self._runners.popitem(last=False)
         return runner
-
-    def _load(self, path: Path):
-        if self.name == "openvino":
-            return OpenVINOEncoder(path, self.precision, self._threads)
-        if self.name == "onnxruntime":
-            return OnnxRuntimeEncoder(path, self.precision, self._threads)
-        raise ValueError(f"unknown backend {self.name!r}")
 
 
 def make_dinov2_encoder(

@@ -113,13 +113,12 @@ def _build_models(model_type, checkpoint, input_size, device, sam_type, sam_chec
         raise InputError("--device mps: Apple MPS is not available (use --device cpu)")
     model = load_sam2(model_type, checkpoint, device=device, image_size=input_size)
     if backend in ("openvino", "onnxruntime"):  # by name only: "auto" keeps SAM 2 on torch, where parity is proven
-        from sam.backends import BackendUnavailable, resolve_backend
+        from sam.backends import BackendUnavailable
         from sam.checkpoint import checkpoint_file
         from sam.download import sha256_file
         from sam.sam2.encoder_backends import use_backend
 
         try:
-            resolve_backend(backend, device, precision)  # installed, on the CPU, a precision it runs
             sha256 = sha256_file(checkpoint_file(checkpoint, model_type=model_type))
             use_backend(model, backend, precision, sha256=sha256, threads=torch.get_num_threads())
         except BackendUnavailable as exc:

@@ -16,15 +16,13 @@ The memory attention, the memory encoder and the decoder stay in torch.
 from __future__ import annotations
 
 import os
-import shutil
-from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from ..backends import BackendUnavailable, OnnxRuntimeEncoder, OpenVINOEncoder, is_installed
-from ..export import Log, _stderr, ensure_export, weights_sha256
+from ..backends import load_export, resolve_backend
+from ..export import Log, _stderr, weights_sha256
 from .build import guess_sam2_variant
 from .model import Sam2Model
 
@@ -58,7 +56,9 @@ def level_shapes(model: Sam2Model) -> List[Tuple[int, int, int]]:
 class Sam2ImageStep:
     """A drop-in for ``model.forward_image`` on ``backend`` ("openvino" or "onnxruntime"), CPU images
     (B, 3, S, S) float32.  ``sha256`` names the weights in the cache (the checkpoint file's; None: the weights'
-    own); ``build_seconds`` is the time spent exporting here (0 when the export was cached)."""
+    own); ``build_seconds`` is the time spent exporting here (0 when the export was cached).  Raises
+    :class:`sam.backends.BackendUnavailable` when ``backend`` is not installed, the model is not on the CPU, or
+    the backend does not run ``precision``."""
 
     def __init__(
         self,
@@ -71,11 +71,10 @@ class Sam2ImageStep:
         log: Optional[Log] = _stderr,
         threads: Optional[int] = None,
     ) -> None:
-        if backend not in EXPORTED_BACKENDS:
-            raise ValueError(f"unknown backend {backend!r} for SAM 2.1's image step (one of {EXPORTED_BACKENDS})")
-        if not is_installed(backend):
-            raise BackendUnavailable(f"{backend} is not installed (pip install {backend})")
-        self.name = backend
+        device = next(model.parameters()).device
+        self.name = resolve_backend(backend, device, precision)  # installed, on the CPU, a precision it runs
+        if self.name not in EXPORTED_BACKENDS:
+            raise ValueError(f"SAM 2.1's image step runs exported on one of {EXPORTED_BACKENDS}, not {backend!r}")
         self.precision = precision
         self.shapes = level_shapes(model)
         side = int(model.image_size)
@@ -83,32 +82,12 @@ class Sam2ImageStep:
         position_encoding = model.image_encoder.neck.position_encoding
         with torch.no_grad():
             self.positions = [position_encoding(torch.zeros(1, model.hidden_dim, h, w)) for _, h, w in self.shapes]
-        variant = guess_sam2_variant(model.state_dict()) or "sam2"
-        kind = f"{variant}-image-step"
-        sha256 = sha256 or weights_sha256(model)
-        graph = ImageStepGraph(model).eval()
-
-        def build() -> Path:
-            path, seconds = ensure_export(backend, graph, kind=kind, sha256=sha256, precision=precision,
-                                          img_size=side, cache_dir=cache_dir, log=log, openvino_route="torch")
-            self.build_seconds += seconds
-            return path
-
-        self.build_seconds = 0.0
-        path = build()
-        try:
-            self.runner = self._load(path, threads)
-        except Exception as exc:  # noqa: BLE001 - a cached file that passed the check but does not load
-            if log is not None:
-                log(f"persam: the cached {backend} image step in {path.parent} does not load ({exc}); building it again")
-            shutil.rmtree(path.parent, ignore_errors=True)
-            self.runner = self._load(build(), threads)
-        self.cache_path = path.parent
-
-    def _load(self, path: Path, threads: Optional[int]):
-        if self.name == "openvino":
-            return OpenVINOEncoder(path, self.precision, threads)
-        return OnnxRuntimeEncoder(path, self.precision, threads)
+        kind = f"{guess_sam2_variant(model.state_dict()) or 'sam2'}-image-step"
+        self.runner = load_export(self.name, ImageStepGraph(model).eval(), kind=kind,
+                                  sha256=sha256 or weights_sha256(model), precision=precision, img_size=side,
+                                  cache_dir=cache_dir, log=log, threads=threads, openvino_route="torch")
+        self.build_seconds = self.runner.build_seconds
+        self.cache_path = self.runner.cache_path
 
     def __call__(self, images: torch.Tensor) -> Dict[str, object]:
         if images.dim() != 4 or tuple(images.shape[1:]) != self.input_shape or images.device.type != "cpu":

@@ -5,7 +5,8 @@ persam.runs.track_folder; ``eval``: eval.outputs; the page's zip) keeps the same
 
 * **One run at a time.**  The folder is locked while the run holds it (:func:`output_lock`);
   a folder the run created is removed again when the run leaves it empty (a refused run leaves
-  nothing behind).
+  nothing behind).  A run that fails before it has written any output (a model that cannot be
+  built, say) takes back the record file it created, so its folder is left as it found it.
 * **Nothing of the user's is replaced.**  The folder's record file (results.json, eval.json)
   lists (``files``) every file persam wrote there.  A file the run would write that exists but
   is not listed is refused.  Files are listed *before* they are written (the record file is
@@ -59,12 +60,14 @@ class OwnedFolder:
         self.record_file = record_file
         self.files: Set[str] = set()  # files persam wrote (or is about to write) here, '/'-separated
         self._lock = None
+        self._record_is_new = False  # no record file when the run took the folder
 
     def __enter__(self):
         try:
             lock = output_lock(self.out_dir)
             lock.__enter__()
             self._lock = lock
+            self._record_is_new = not os.path.lexists(self.record_path)
             self.read()
         except BaseException:
             self.__exit__(*sys.exc_info())  # `with` does not call __exit__ when __enter__ fails
@@ -73,7 +76,13 @@ class OwnedFolder:
 
     def __exit__(self, *exc_info) -> None:
         lock, self._lock = self._lock, None
-        if lock is not None:
+        if lock is None:
+            return
+        try:
+            if exc_info[0] is not None and self._record_is_new and not any(
+                    os.path.lexists(self.out_dir / name) for name in self.files - {self.record_file}):
+                self.record_path.unlink(missing_ok=True)  # failed before any output: nothing to resume
+        finally:
             lock.__exit__(*exc_info)
 
     # the record file

@@ -88,3 +88,28 @@ def test_the_command_takes_the_backend(backend, tmp_path, monkeypatch, capsys):
     for index in range(3):
         a, b = (load_mask(outs[k] / f"{index:05d}.png") for k in ("torch", backend))
         assert np.logical_and(a, b).sum() / max(np.logical_or(a, b).sum(), 1) >= 0.99
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime is not installed")
+def test_a_backend_refused_when_the_model_is_built_leaves_no_output(tmp_path, monkeypatch, capsys):
+    # The pair is refused only once the folder is taken (when the model is built): the run gives its
+    # one line and takes back its results.json, so the folder it made goes too, and a corrected run works.
+    from sam2_testing import random_sam2_state
+
+    from cli_testing import error_line
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    shutil.copy(sorted((DAVIS / "JPEGImages" / "480p" / SEQ).glob("*.jpg"))[0], frames / "00000.jpg")
+    first = np.array(Image.open(DAVIS / "Annotations" / "480p" / SEQ / "00000.png")) == 1
+    Image.fromarray(first.astype(np.uint8) * 255).save(tmp_path / "first.png")
+    torch.save({"model": random_sam2_state("sam2.1_hiera_t", seed=0)}, tmp_path / "sam2.pt")
+    monkeypatch.setenv("PERSAM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "new" / "out"
+    argv = ["track", frames, "--tracker", "sam2", "--checkpoint", tmp_path / "sam2.pt", "--ref-mask",
+            tmp_path / "first.png", "--input-size", SIZE, "--fill-holes", 0, "--out", out, "-q"]
+    assert run_cli([*argv, "--backend", "onnxruntime", "--precision", "bf16"]) == 2
+    assert "onnxruntime" in error_line(capsys)
+    assert not (tmp_path / "new").exists()
+    assert run_cli([*argv, "--backend", "onnxruntime"]) == 0
+    assert (out / "00000.png").is_file() and (out / "results.json").is_file()

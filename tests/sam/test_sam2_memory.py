@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sam.sam2.holes import fill_small_holes
-from sam.sam2.memory_attention import MemoryAttention, axial_rotary_angles
+from sam.sam2.memory_attention import MemoryAttention, attend_then_project_values, axial_rotary_angles
 from sam.sam2.memory_encoder import MemoryEncoder
 from sam.sam2.tracker import MemoryBank, MemoryEntry, TrackerSettings, select_conditioning_frames
 from sam_testing import random_state_dict
@@ -146,3 +146,37 @@ def test_conditioning_frame_choice_matches_meta():
         ours = select_conditioning_frames(position, frames, limit)
         theirs = select_closest_cond_frames(position, frames, limit)
         assert list(ours[0]) == list(theirs[0]) and set(ours[1]) == set(theirs[1])
+
+
+@pytest.mark.parametrize("heads, rows_per_chunk", [(1, 128), (2, 5)])
+def test_weighting_raw_values_then_projecting_equals_attention_over_projected_values(heads, rows_per_chunk):
+    # The memory's values are 64 channels against 256 per head: weighting them first and projecting after
+    # is the same attention with a quarter of the weighted-sum work (each row of weights sums to one).
+    generator = torch.Generator().manual_seed(0)
+    queries = torch.randn(2, heads, 37, 32, generator=generator)  # 37 rows: chunks with a remainder
+    keys = torch.randn(2, heads, 53, 32, generator=generator) * 2
+    raw_values = torch.randn(2, 53, 12, generator=generator)
+    value_proj = torch.nn.Linear(12, heads * 32)
+    with torch.no_grad():
+        value_proj.bias.normal_(generator=generator)
+        projected = value_proj(raw_values).reshape(2, 53, heads, 32).transpose(1, 2)
+        expected = torch.nn.functional.scaled_dot_product_attention(queries, keys, projected)
+        got = attend_then_project_values(queries, keys, raw_values, value_proj, rows_per_chunk=rows_per_chunk)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() < 1e-5
+
+
+def test_cross_attention_takes_the_narrow_value_route_only_in_float32_on_a_cpu(monkeypatch):
+    layer = MemoryAttention(num_layers=1).eval()
+    calls = []
+    import sam.sam2.memory_attention as module
+
+    real = module.attend_then_project_values
+    monkeypatch.setattr(module, "attend_then_project_values", lambda *a, **k: calls.append(1) or real(*a, **k))
+    current, memory = torch.randn(1, 64, 256), torch.randn(1, 2 * 64 + 4, 64)
+    with torch.no_grad():
+        plain = layer(current, torch.randn_like(current), memory, torch.randn_like(memory), num_object_pointer_tokens=4)
+        assert calls == [1]  # the cross-attention, not the self-attention (values as wide as a head)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            layer(current, torch.randn_like(current), memory, torch.randn_like(memory), num_object_pointer_tokens=4)
+    assert calls == [1] and torch.isfinite(plain).all()

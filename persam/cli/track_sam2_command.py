@@ -114,13 +114,12 @@ def _build_models(model_type, checkpoint, input_size, device, sam_type, sam_chec
     model = load_sam2(model_type, checkpoint, device=device, image_size=input_size)
     if backend in ("openvino", "onnxruntime"):  # by name only: "auto" keeps SAM 2 on torch, where parity is proven
         from sam.backends import BackendUnavailable
-        from sam.checkpoint import checkpoint_file
-        from sam.download import sha256_file
         from sam.sam2.encoder_backends import use_backend
 
+        from persam.runs.key import file_sha256  # remembered per process: the run's key read it already
+
         try:
-            sha256 = sha256_file(checkpoint_file(checkpoint, model_type=model_type))
-            use_backend(model, backend, precision, sha256=sha256, threads=torch.get_num_threads())
+            use_backend(model, backend, precision, sha256=file_sha256(checkpoint), threads=torch.get_num_threads())
         except BackendUnavailable as exc:
             raise InputError(f"--backend {backend}: {exc}") from None
     sam = None

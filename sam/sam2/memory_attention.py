@@ -38,7 +38,7 @@ def axial_rotary_angles(head_dim: int, side: int, theta: float = 10000.0) -> tor
 
 
 def _rotate_pairs(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive channel pairs of x (B, heads, N, D) by unit complex numbers rotation (N, D // 2).
+    """Rotate consecutive channel pairs of x (..., N, D) by unit complex numbers rotation (N, D // 2).
 
     Each pair (even, odd) is read as the complex number even + i odd and multiplied, as Meta's code does it.
     """
@@ -143,9 +143,8 @@ class RotaryAttention(nn.Module):
         rotation = self._rotation(num_queries, queries.device)
         queries = _rotate_pairs(queries, rotation)
         if num_rotated > 0:
-            copies = num_rotated // num_queries
-            rotated_keys = _rotate_pairs(keys[:, :, :num_rotated], rotation.repeat(copies, 1))
-            keys = torch.cat([rotated_keys, keys[:, :, num_rotated:]], dim=2)
+            frames = keys[:, :, :num_rotated].unflatten(2, (num_rotated // num_queries, num_queries))
+            keys = torch.cat([_rotate_pairs(frames, rotation).flatten(2, 3), keys[:, :, num_rotated:]], dim=2)
         if self._values_before_projection(v):
             attended = attend_then_project_values(queries, keys, v, self.v_proj)
         else:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cli_testing import run_cli
+from cli_testing import error_line, run_cli
 from conftest import DAVIS
 from persam.data.io import load_mask
 
@@ -65,25 +65,30 @@ def test_features_and_tracking_equal_torch(backend, tmp_path):
     assert other.forward_image.cache_path != fast.forward_image.cache_path
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_the_command_takes_the_backend(backend, tmp_path, monkeypatch, capsys):
+def _track_argv(tmp_path, monkeypatch, count: int) -> list:
+    """`persam track` of the first `count` car-shadow frames with SAM 2.1 (seeded random hiera_t, input side
+    SIZE) from object 1's first mask, the export cache in tmp_path; --backend and --out are the test's."""
     from sam2_testing import random_sam2_state
 
     frames = tmp_path / "frames"
     frames.mkdir()
-    for path in sorted((DAVIS / "JPEGImages" / "480p" / SEQ).glob("*.jpg"))[:3]:
+    for path in sorted((DAVIS / "JPEGImages" / "480p" / SEQ).glob("*.jpg"))[:count]:
         shutil.copy(path, frames / path.name)
     first = np.array(Image.open(DAVIS / "Annotations" / "480p" / SEQ / "00000.png")) == 1
     Image.fromarray(first.astype(np.uint8) * 255).save(tmp_path / "first.png")
     torch.save({"model": random_sam2_state("sam2.1_hiera_t", seed=0)}, tmp_path / "sam2.pt")
     monkeypatch.setenv("PERSAM_CACHE", str(tmp_path / "cache"))
+    return ["track", frames, "--tracker", "sam2", "--checkpoint", tmp_path / "sam2.pt", "--ref-mask",
+            tmp_path / "first.png", "--input-size", SIZE, "--fill-holes", 0, "-q"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_command_takes_the_backend(backend, tmp_path, monkeypatch, capsys):
+    argv = _track_argv(tmp_path, monkeypatch, count=3)
     outs = {}
     for name in ("torch", backend):
         outs[name] = tmp_path / name
-        argv = ["track", frames, "--tracker", "sam2", "--checkpoint", tmp_path / "sam2.pt", "--ref-mask",
-                tmp_path / "first.png", "--input-size", SIZE, "--fill-holes", 0, "--backend", name,
-                "--out", outs[name], "-q"]
-        assert run_cli(argv) == 0
+        assert run_cli([*argv, "--backend", name, "--out", outs[name]]) == 0
     assert len(list((tmp_path / "cache" / "compiled").iterdir())) == 1  # the export, kept for the next run
     for index in range(3):
         a, b = (load_mask(outs[k] / f"{index:05d}.png") for k in ("torch", backend))
@@ -94,20 +99,8 @@ def test_the_command_takes_the_backend(backend, tmp_path, monkeypatch, capsys):
 def test_a_backend_refused_when_the_model_is_built_leaves_no_output(tmp_path, monkeypatch, capsys):
     # The pair is refused only once the folder is taken (when the model is built): the run gives its
     # one line and takes back its results.json, so the folder it made goes too, and a corrected run works.
-    from sam2_testing import random_sam2_state
-
-    from cli_testing import error_line
-
-    frames = tmp_path / "frames"
-    frames.mkdir()
-    shutil.copy(sorted((DAVIS / "JPEGImages" / "480p" / SEQ).glob("*.jpg"))[0], frames / "00000.jpg")
-    first = np.array(Image.open(DAVIS / "Annotations" / "480p" / SEQ / "00000.png")) == 1
-    Image.fromarray(first.astype(np.uint8) * 255).save(tmp_path / "first.png")
-    torch.save({"model": random_sam2_state("sam2.1_hiera_t", seed=0)}, tmp_path / "sam2.pt")
-    monkeypatch.setenv("PERSAM_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "new" / "out"
-    argv = ["track", frames, "--tracker", "sam2", "--checkpoint", tmp_path / "sam2.pt", "--ref-mask",
-            tmp_path / "first.png", "--input-size", SIZE, "--fill-holes", 0, "--out", out, "-q"]
+    argv = [*_track_argv(tmp_path, monkeypatch, count=1), "--out", out]
     assert run_cli([*argv, "--backend", "onnxruntime", "--precision", "bf16"]) == 2
     assert "onnxruntime" in error_line(capsys)
     assert not (tmp_path / "new").exists()
